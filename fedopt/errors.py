@@ -1,0 +1,53 @@
+"""Exception types that fedopt raises for bad input and failed runs."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["ConfigError", "DivergenceError", "FedoptError", "RunError", "did_you_mean"]
+
+
+class FedoptError(Exception):
+    """Base class of every error fedopt raises on purpose."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest choice, or ``""``."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class ConfigError(FedoptError, ValueError):
+    """A scenario value, file or command-line input that cannot be used.
+
+    Parameters
+    ----------
+    key : str
+        Dotted name of the offending setting, e.g. ``"partition.alpha"``.
+    value : Any
+        The value that was given.
+    allowed : str
+        What would have been accepted, in words.
+    """
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key = key
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{key} = {value!r} is not allowed: {allowed}")
+
+
+class RunError(FedoptError, RuntimeError):
+    """A run that had to stop (too few replies, a crashed server step)."""
+
+
+class DivergenceError(RunError):
+    """Training produced NaN or inf; names the round and the clients involved."""
+
+    def __init__(self, round_: int, where: str, clients: Iterable[int] = ()) -> None:
+        self.round = round_
+        self.clients = sorted(clients)
+        who = f" (clients {self.clients})" if self.clients else ""
+        super().__init__(f"training diverged in round {round_}: non-finite {where}{who}")
