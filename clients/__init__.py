@@ -1,0 +1,7 @@
+"""Client halves of fedopt's methods: local optimizers registered by name.
+
+Importing this package registers every built-in local optimizer in
+:data:`fedopt.registry.CLIENTS`.
+"""
+
+from clients import sgd  # noqa: F401  (registers "sgd")

@@ -1,0 +1,217 @@
+"""The ``fedopt`` command line: run, compare, partitions, report, list.
+
+Bad input (a ConfigError) prints one line naming the key, the value and what
+is allowed, and exits with status 2, without a traceback. A run that fails
+after starting exits with status 1 and keeps what it wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedopt.errors import ConfigError, FedoptError
+
+__all__ = ["main"]
+
+
+def _progress(console: Console, total: int) -> tuple[Progress, Any]:
+    bar = Progress(
+        TextColumn("[bold]round"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}"),
+        TextColumn("sim {task.fields[sim]}  {task.fields[mb]} MB"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    task = bar.add_task("run", total=total, loss="-", acc="-", sim="-", mb="0.0")
+
+    def on_row(row: dict[str, Any]) -> None:
+        acc = row.get("central_accuracy", row.get("fed_accuracy"))
+        loss = row.get("train_loss")
+        bar.update(
+            task,
+            completed=row["round"],
+            loss=f"{loss:.4f}" if loss is not None else "-",
+            acc=f"{acc:.4f}" if acc is not None else "-",
+            sim=f"{row.get('sim_time', 0.0):.1f}s",
+            mb=f"{row.get('cum_bytes', 0) / 1e6:.2f}",
+        )
+
+    return bar, on_row
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from fedopt.config import load_scenario
+    from fedopt.simulation import run
+
+    scenario = load_scenario(args.scenario, args.set)
+    bar, on_row = _progress(console, scenario.run.rounds)
+    with bar:
+        result = run(scenario, out=args.out, ray_address=args.ray_address, on_row=on_row)
+    s = result.summary
+    console.print(
+        f"final accuracy {s.get('final_accuracy', float('nan')):.4f} "
+        f"(best {s.get('best_accuracy', float('nan')):.4f} at round {s.get('best_round')}), "
+        f"simulated time {s.get('sim_time', 0.0):.1f}s, {s.get('bytes_total', 0) / 1e6:.2f} MB, "
+        f"clients on {s.get('client_device')}"
+    )
+    console.print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, console: Console) -> int:
+    from fedopt.compare import load_sweep, run_sweep
+
+    sweep = load_sweep(args.sweep, args.set)
+    total = len(sweep.cells())
+    console.print(
+        f"{sweep.name}: {total} runs ({len(sweep.strategies)} strategies x "
+        f"{len(sweep.settings)} settings x {len(sweep.seeds)} seeds)"
+    )
+
+    def on_cell(i: int, cell: Any) -> None:
+        acc = cell.summary.get("final_accuracy")
+        console.print(
+            f"[{i}/{total}] {cell.setting} / {cell.strategy} / seed {cell.seed}: "
+            f"final accuracy {acc:.4f}"
+            if acc is not None
+            else "no accuracy"
+        )
+
+    out_dir, paths = run_sweep(
+        sweep, out=Path(args.out), ray_address=args.ray_address, on_cell=on_cell
+    )
+    console.print(Path(paths["markdown"]).read_text())
+    console.print(f"comparison directory: {out_dir}")
+    return 0
+
+
+def cmd_partitions(args: argparse.Namespace, console: Console) -> int:
+    from fedopt.config import load_scenario
+    from fedopt.data import label_histogram, plot_label_heatmap
+    from fedopt.task import build_task
+
+    scenario = load_scenario(args.scenario, args.set)
+    task = build_task(scenario)
+    hist = label_histogram(task.data.train.y, list(task.parts), task.num_classes)
+    table = Table(
+        title=f"{scenario.name}: {scenario.partition.name} partition of {scenario.data.name}"
+    )
+    table.add_column("client", justify="right")
+    table.add_column("train", justify="right")
+    table.add_column("test", justify="right")
+    for c in range(task.num_classes):
+        table.add_column(str(c), justify="right")
+    for cid in range(task.num_clients):
+        train, test = task.client_data(cid)
+        table.add_row(str(cid), str(len(train)), str(len(test)), *map(str, hist[cid]))
+    console.print(table)
+    out = Path(args.png or f"{scenario.name}_partitions.png")
+    plot_label_heatmap(hist, out, title=f"{scenario.name}: labels per client")
+    console.print(f"heatmap: {out.resolve()}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from fedopt.report import regenerate
+
+    summary = regenerate(Path(args.run_dir))
+    console.print(f"regenerated {args.run_dir}: final accuracy {summary.get('final_accuracy')}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, console: Console) -> int:
+    from fedopt import registry
+
+    registry.load_builtins()
+    kinds = {
+        "datasets": registry.DATASETS,
+        "partitioners": registry.PARTITIONERS,
+        "models": registry.MODELS,
+        "speed models": registry.SPEEDS,
+        "optimizers": registry.OPTIMIZERS,
+        "clients": registry.CLIENTS,
+        "strategies": registry.STRATEGIES,
+    }
+    for title, reg in kinds.items():
+        table = Table(title=title)
+        table.add_column("name")
+        table.add_column("parameters")
+        table.add_column("what")
+        for entry in reg:
+            fields = ", ".join(getattr(entry.params, "__dataclass_fields__", {}))
+            table.add_row(entry.name, fields or "-", entry.doc)
+        console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``fedopt`` command."""
+    p = argparse.ArgumentParser(prog="fedopt", description="Federated learning simulator.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sets = {
+        "action": "append",
+        "default": [],
+        "metavar": "KEY=VALUE",
+        "help": "override a scenario value, e.g. --set run.rounds=5",
+    }
+
+    r = sub.add_parser("run", help="run a scenario on Flower's Ray simulation engine")
+    r.add_argument("scenario")
+    r.add_argument("--set", **sets)
+    r.add_argument("--out", default="runs", help="parent of the run directory (default: runs)")
+    r.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
+    r.set_defaults(fn=cmd_run)
+
+    c = sub.add_parser("compare", help="run a sweep: strategies x settings x seeds")
+    c.add_argument("sweep")
+    c.add_argument("--set", **sets)
+    c.add_argument("--out", default="runs")
+    c.add_argument("--ray-address", default=None)
+    c.set_defaults(fn=cmd_compare)
+
+    pa = sub.add_parser("partitions", help="print per-client sizes and labels; write a heatmap")
+    pa.add_argument("scenario")
+    pa.add_argument("--set", **sets)
+    pa.add_argument("--png", default=None, help="heatmap path (default: <name>_partitions.png)")
+    pa.set_defaults(fn=cmd_partitions)
+
+    rp = sub.add_parser("report", help="regenerate a run directory's tables and plots")
+    rp.add_argument("run_dir")
+    rp.set_defaults(fn=cmd_report)
+
+    ls = sub.add_parser("list", help="list registered datasets, models, clients, strategies")
+    ls.set_defaults(fn=cmd_list)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedopt`` console script."""
+    args = build_parser().parse_args(argv)
+    console = Console()
+    err = Console(stderr=True)
+    try:
+        return int(args.fn(args, console))
+    except ConfigError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        return 2
+    except FedoptError as e:
+        err.print(f"[red]run failed:[/red] {e}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The Flower ClientApp adapter: messages in, a local optimizer's job out, replies back.
+
+One :class:`ClientRuntime` lives in each worker process (each Ray actor). It
+builds the task, the resident model and the local optimizer once, keeps every
+virtual client's tensors on the device, loads each round's global weights in
+place, and turns the optimizer's :class:`~fedopt.client.ClientUpdate` into a
+reply. Nothing is kept in module globals: the runtime hangs off the ClientApp
+object that Flower ships to each worker.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedopt.client import ClientJob, ClientState
+from fedopt.config import Scenario, parse_scenario
+from fedopt.registry import CLIENTS
+from fedopt.task import Task, as_tensors, build_task, derive_seed
+from fedopt.training import evaluate
+
+__all__ = ["RESERVED_METRICS", "ClientRuntime", "make_client_app", "pick_device"]
+
+#: Metric keys every reply carries; they are bookkeeping, not learning metrics.
+RESERVED_METRICS = ("num-examples", "cid", "work", "cuda")
+
+
+def pick_device(scenario: Scenario) -> torch.device:
+    """The GPU Ray gave this worker when the scenario asks for one, else the CPU."""
+    if scenario.run.num_gpus > 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def message_cid(msg: Message, context: Context) -> int:
+    """The virtual client a message is for: ``config["cid"]``, else the node's partition."""
+    config = msg.content.get("config")
+    if config is not None and "cid" in config:
+        return int(config["cid"])
+    return int(context.node_config["partition-id"])
+
+
+class ClientRuntime:
+    """Everything a worker builds once for a scenario and reuses for every client it serves."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+        torch.set_num_threads(scenario.run.num_cpus)
+        self.task: Task = build_task(scenario)
+        self.device = pick_device(scenario)
+        self.model = self.task.new_model().to(self.device)
+        entry = CLIENTS.get(scenario.client.name, key="client.name")
+        self.algorithm = entry.obj(scenario.client.params, scenario=scenario)
+        self._tensors: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def tensors(self, cid: int) -> tuple[torch.Tensor, ...]:
+        """(x_train, y_train, x_test, y_test) of client ``cid`` on the device, cached."""
+        if cid not in self._tensors:
+            train, test = self.task.client_data(cid)
+            self._tensors[cid] = (*as_tensors(train, self.device), *as_tensors(test, self.device))
+        return self._tensors[cid]
+
+    def _seed(self, server_round: int, cid: int, purpose: int) -> int:
+        return derive_seed(self.scenario.run.seed, server_round, cid, purpose)
+
+    def train(self, msg: Message, context: Context) -> Message:
+        """Handle a ``train`` message."""
+        cid = message_cid(msg, context)
+        config = dict(msg.content.get("config", {}))
+        server_round = int(config.get("server-round", 0))
+        seed = self._seed(server_round, cid, 1)
+        torch.manual_seed(seed)
+        self.algorithm.load_global(self.model, msg.content)
+        x, y, _, _ = self.tensors(cid)
+        job = ClientJob(
+            cid=cid,
+            server_round=server_round,
+            model=self.model,
+            x=x,
+            y=y,
+            config=config,
+            content=msg.content,
+            state=ClientState(context.state, cid),
+            generator=torch.Generator().manual_seed(seed),
+            device=self.device,
+        )
+        update = self.algorithm.fit(job)
+        metrics = MetricRecord(
+            {
+                "num-examples": int(update.num_examples),
+                "cid": cid,
+                "work": float(update.work),
+                "cuda": int(self.device.type == "cuda"),
+                **{k: float(v) for k, v in update.metrics.items()},
+            }
+        )
+        return Message(RecordDict({"arrays": update.arrays, "metrics": metrics}), reply_to=msg)
+
+    def evaluate(self, msg: Message, context: Context) -> Message:
+        """Handle an ``evaluate`` message: the global model on this client's test split."""
+        cid = message_cid(msg, context)
+        self.algorithm.load_global(self.model, msg.content)
+        _, _, xt, yt = self.tensors(cid)
+        res = evaluate(self.model, xt, yt)
+        metrics = MetricRecord(
+            {
+                "num-examples": res.num_examples,
+                "cid": cid,
+                "eval_loss": res.loss if res.num_examples else 0.0,
+                "eval_accuracy": res.accuracy if res.num_examples else 0.0,
+            }
+        )
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+class _RuntimeHolder:
+    """Builds the worker's runtime on first use and rebuilds it if the scenario changes."""
+
+    def __init__(self, resolve: Callable[[Context], Mapping[str, Any]]) -> None:
+        self._resolve = resolve
+        self._runtime: ClientRuntime | None = None
+        self._key: str | None = None
+
+    def get(self, context: Context) -> ClientRuntime:
+        raw = self._resolve(context)
+        key = json.dumps(raw, sort_keys=True, default=str)
+        if self._runtime is None or key != self._key:
+            self._runtime, self._key = ClientRuntime(parse_scenario(raw)), key
+        return self._runtime
+
+
+def make_client_app(resolve: Callable[[Context], Mapping[str, Any]]) -> ClientApp:
+    """A ClientApp whose scenario comes from ``resolve(context)`` (a plain scenario mapping)."""
+    holder = _RuntimeHolder(resolve)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return holder.get(context).train(msg, context)
+
+    @app.evaluate()
+    def evaluate_(msg: Message, context: Context) -> Message:
+        return holder.get(context).evaluate(msg, context)
+
+    return app

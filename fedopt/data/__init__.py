@@ -1,0 +1,27 @@
+"""Datasets, local-file loaders and client partitioning; importing registers all of them."""
+
+from fedopt.data import builtin, files, partition
+from fedopt.data.core import (
+    Dataset,
+    TaskData,
+    holdout,
+    label_histogram,
+    load_task_data,
+    partition_clients,
+    plot_label_heatmap,
+    split_client,
+)
+
+__all__ = [
+    "Dataset",
+    "TaskData",
+    "builtin",
+    "files",
+    "holdout",
+    "label_histogram",
+    "load_task_data",
+    "partition",
+    "partition_clients",
+    "plot_label_heatmap",
+    "split_client",
+]

@@ -1,0 +1,391 @@
+"""Loaders for datasets in local files: npz, csv, MNIST idx, CIFAR-10 pickles, HF save_to_disk."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedopt.data.core import Dataset, TaskData, holdout
+from fedopt.errors import ConfigError
+from fedopt.params import check
+from fedopt.registry import DATASETS
+
+__all__ = [
+    "CsvParams",
+    "HfParams",
+    "NpzParams",
+    "PathParams",
+    "load_cifar10",
+    "load_csv",
+    "load_hf",
+    "load_mnist",
+    "load_npz",
+    "read_idx",
+]
+
+
+def _existing(path: str, key: str = "data.path", *, is_dir: bool = False) -> Path:
+    """Return ``Path(path)`` or raise when it is missing or of the wrong kind."""
+    p = Path(path)
+    kind = "directory" if is_dir else "file"
+    if not (p.is_dir() if is_dir else p.is_file()):
+        raise ConfigError(key, path, f"an existing {kind} (relative to {Path.cwd()})")
+    return p
+
+
+def _labels(values: Any, key: str, value: Any, where: str) -> np.ndarray:
+    """Convert ``values`` to int64 labels or raise when they are not integers >= 0."""
+    try:
+        arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ConfigError(key, value, f"integer class labels >= 0 in {where}") from None
+    if arr.size and (not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)) or arr.min() < 0):
+        raise ConfigError(key, value, f"integer class labels >= 0 in {where}")
+    return arr.astype(np.int64)
+
+
+def _ids(values: Any) -> np.ndarray:
+    """Natural ids as int64 when they are all integers, else as strings."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "iub":
+        return arr.astype(np.int64)
+    try:
+        num = arr.astype(np.float64)
+    except (TypeError, ValueError):
+        return arr.astype(str)
+    return num.astype(np.int64) if np.all(num == np.round(num)) else arr.astype(str)
+
+
+def _task(
+    name: str,
+    train: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+    test: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None,
+    *,
+    label: str,
+    test_fraction: float,
+    seed: int,
+    num_classes: int | None = None,
+) -> TaskData:
+    """Assemble train/test arrays (holding out a test set when none is given)."""
+    x, y, ids = train
+    if test is not None and test[0].shape[1:] != x.shape[1:]:
+        raise ConfigError(
+            "data.test_path", name, f"test features of shape {x.shape[1:]} like the training data"
+        )
+    found = max([int(y.max(initial=-1))] + ([int(test[1].max(initial=-1))] if test else [])) + 1
+    classes = num_classes or found
+    if found > classes:
+        raise ConfigError(label, found - 1, f"labels below the {classes} classes of {name}")
+    data = Dataset(x, y, classes, ids, name=name)
+    if test is None:
+        train_ds, test_ds = holdout(data, test_fraction=test_fraction, seed=seed)
+    else:
+        train_ds, test_ds = data, Dataset(test[0], test[1], classes, test[2], name=name)
+    return TaskData(name.split(" ")[0], train_ds, test_ds)
+
+
+@dataclass(frozen=True)
+class PathParams:
+    """A loader that reads one local file or directory (``mnist``, ``cifar10``)."""
+
+    path: str
+
+    def __post_init__(self) -> None:
+        check(bool(self.path), "path", self.path, "a non-empty file or directory path")
+
+
+@dataclass(frozen=True)
+class NpzParams(PathParams):
+    """A ``.npz`` file with feature and label arrays (and optionally natural ids)."""
+
+    x_key: str = "x"
+    y_key: str = "y"
+    test_path: str | None = None
+    natural_id_key: str | None = None
+
+
+def _read_npz(path: str, key: str, p: NpzParams, *, need_ids: bool) -> tuple:
+    file = _existing(path, key)
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as err:
+        raise ConfigError(key, path, f"a .npz archive written by numpy.savez ({err})") from None
+    wanted = [("data.x_key", p.x_key), ("data.y_key", p.y_key)]
+    if p.natural_id_key is not None and (need_ids or p.natural_id_key in arrays):
+        wanted.append(("data.natural_id_key", p.natural_id_key))
+    for name_key, array in wanted:
+        if array not in arrays:
+            raise ConfigError(name_key, array, f"an array of {path}: {', '.join(sorted(arrays))}")
+    x, y = arrays[p.x_key], arrays[p.y_key]
+    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
+        raise ConfigError(
+            key, path, f"x of shape (n, ...) and y of shape (n,), got {x.shape} and {y.shape}"
+        )
+    ids = _ids(arrays[p.natural_id_key]) if len(wanted) == 3 else None
+    if ids is not None and ids.shape != y.shape:
+        raise ConfigError("data.natural_id_key", p.natural_id_key, f"an array of shape {y.shape}")
+    return x.astype(np.float32), _labels(y, "data.y_key", p.y_key, path), ids
+
+
+def load_npz(params: NpzParams, *, test_fraction: float, seed: int) -> TaskData:
+    """Arrays from a ``.npz`` file; the test set is ``test_path`` or a stratified holdout."""
+    train = _read_npz(params.path, "data.path", params, need_ids=True)
+    test = None
+    if params.test_path is not None:
+        test = _read_npz(params.test_path, "data.test_path", params, need_ids=False)
+    name = f"npz file {params.path}"
+    return _task(name, train, test, label="data.y_key", test_fraction=test_fraction, seed=seed)
+
+
+@dataclass(frozen=True)
+class CsvParams(PathParams):
+    """A CSV file with a header row: one label column, the other columns float features."""
+
+    label_column: str = "label"
+    test_path: str | None = None
+    natural_id_column: str | None = None
+
+
+def _read_csv(path: str, key: str, p: CsvParams, features: list[str] | None) -> tuple:
+    with _existing(path, key).open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    if len(rows) < 2 or any(len(r) != len(rows[0]) for r in rows[1:]):
+        raise ConfigError(key, path, "a CSV file: a header row, then rows of the same length")
+    header, table = rows[0], np.array(rows[1:], dtype=str)
+    id_col = p.natural_id_column
+    if features is not None and id_col not in header:
+        id_col = None  # a test file needs no natural ids
+    for name_key, column in (
+        ("data.label_column", p.label_column),
+        ("data.natural_id_column", id_col),
+    ):
+        if column is not None and column not in header:
+            raise ConfigError(name_key, column, f"a column of {path}: {', '.join(header)}")
+    skip = {p.label_column, p.natural_id_column}
+    features = features or [c for c in header if c not in skip]
+    missing = [c for c in features if c not in header]
+    if not features or missing:
+        raise ConfigError(key, path, f"feature columns {features} besides the label column")
+    cols = [header.index(c) for c in features]
+    try:
+        x = table[:, cols].astype(np.float32)
+    except ValueError:
+        bad = next(
+            ((r, c) for r in range(len(table)) for c in cols if not _is_float(table[r, c])),
+            (0, cols[0]),
+        )
+        raise ConfigError(
+            key, path, f"numeric features; row {bad[0] + 2}, column '{header[bad[1]]}' is not"
+        ) from None
+    y = _labels(table[:, header.index(p.label_column)], "data.label_column", p.label_column, path)
+    ids = None if id_col is None else _ids(table[:, header.index(id_col)])
+    return x, y, ids, features
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def load_csv(params: CsvParams, *, test_fraction: float, seed: int) -> TaskData:
+    """Rows of a CSV file; the test set is ``test_path`` (same columns) or a stratified holdout."""
+    *train, features = _read_csv(params.path, "data.path", params, None)
+    test = None
+    if params.test_path is not None:
+        test = tuple(_read_csv(params.test_path, "data.test_path", params, features)[:3])
+    name = f"csv file {params.path}"
+    return _task(
+        name, tuple(train), test, label="data.label_column", test_fraction=test_fraction, seed=seed
+    )
+
+
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def read_idx(file: Path) -> np.ndarray:
+    """Parse an IDX file (``.gz`` allowed): magic ``00 00 type ndim``, big-endian dims, data.
+
+    Raises
+    ------
+    ConfigError
+        ``data.path`` when the bytes are not a complete IDX file.
+    """
+    try:
+        raw = gzip.decompress(file.read_bytes()) if file.suffix == ".gz" else file.read_bytes()
+    except (OSError, EOFError) as err:
+        raise ConfigError("data.path", str(file), f"a readable gzip file ({err})") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_TYPES:
+        raise ConfigError("data.path", str(file), "an IDX file (magic 0x00 0x00 type ndim)")
+    ndim, dtype = raw[3], np.dtype(_IDX_TYPES[raw[2]])
+    dims = (
+        tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+        if len(raw) >= 4 + 4 * ndim
+        else None
+    )
+    size = int(np.prod(dims)) * dtype.itemsize if dims else -1
+    if dims is None or ndim == 0 or len(raw) != 4 + 4 * ndim + size:
+        raise ConfigError("data.path", str(file), f"an IDX file whose size matches dims {dims}")
+    return np.frombuffer(raw, dtype, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load_mnist(params: PathParams, *, test_fraction: float, seed: int) -> TaskData:
+    """MNIST-format idx files: images scaled to [0, 1] as (n, 1, rows, cols); test = t10k."""
+    folder = _existing(params.path, is_dir=True)
+    arrays = []
+    for stem in _MNIST_FILES:
+        file = next((f for f in (folder / stem, folder / f"{stem}.gz") if f.is_file()), None)
+        if file is None:
+            raise ConfigError(
+                "data.path",
+                params.path,
+                f"a directory with {', '.join(_MNIST_FILES)} (or .gz); {stem} is missing",
+            )
+        arrays.append((file, read_idx(file)))
+    sets = []
+    for (img_file, img), (lab_file, lab) in (arrays[:2], arrays[2:]):
+        if img.ndim != 3 or img.dtype != np.uint8 or lab.ndim != 1 or len(img) != len(lab):
+            raise ConfigError(
+                "data.path",
+                params.path,
+                f"uint8 images (n, rows, cols) in {img_file.name} and n labels in {lab_file.name}",
+            )
+        x = (img.astype(np.float32) / 255.0)[:, None, :, :]
+        sets.append((x, _labels(lab, "data.path", params.path, lab_file.name), None))
+    name = f"mnist files in {params.path}"
+    return _task(name, sets[0], sets[1], label="data.path", test_fraction=test_fraction, seed=seed)
+
+
+def _read_cifar_batch(file: Path, path: str) -> tuple[np.ndarray, np.ndarray, None]:
+    try:
+        with file.open("rb") as fh:
+            batch = pickle.load(fh, encoding="bytes")
+        data = np.asarray(batch.get(b"data", batch.get("data")), dtype=np.uint8)
+        labels = batch.get(b"labels", batch.get("labels"))
+    except (OSError, pickle.UnpicklingError, AttributeError, EOFError, TypeError, ValueError):
+        data, labels = np.empty(0), None
+    if data.ndim != 2 or data.shape[1] != 3072 or labels is None or len(labels) != len(data):
+        raise ConfigError(
+            "data.path",
+            path,
+            f"{file.name} as a pickled dict with b'data' (N x 3072) and b'labels'",
+        )
+    x = data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0
+    return x, _labels(labels, "data.path", path, file.name), None
+
+
+def load_cifar10(params: PathParams, *, test_fraction: float, seed: int) -> TaskData:
+    """CIFAR-10 python batches: x (n, 3, 32, 32) in [0, 1]; present data batches; test_batch."""
+    folder = _existing(params.path, is_dir=True)
+    if (folder / "cifar-10-batches-py").is_dir():
+        folder = folder / "cifar-10-batches-py"
+    files = [
+        folder / f"data_batch_{i}" for i in range(1, 6) if (folder / f"data_batch_{i}").is_file()
+    ]
+    if not files or not (folder / "test_batch").is_file():
+        raise ConfigError(
+            "data.path",
+            params.path,
+            "a cifar-10-batches-py directory (or its parent) with "
+            "at least one of data_batch_1..5 and test_batch",
+        )
+    parts = [_read_cifar_batch(f, params.path) for f in files]
+    train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), None)
+    test = _read_cifar_batch(folder / "test_batch", params.path)
+    name = f"cifar10 files in {params.path}"
+    return _task(
+        name, train, test, label="data.path", test_fraction=test_fraction, seed=seed, num_classes=10
+    )
+
+
+@dataclass(frozen=True)
+class HfParams(PathParams):
+    """A directory written by Hugging Face ``datasets`` ``save_to_disk``."""
+
+    feature_column: str = "x"
+    label_column: str = "label"
+    natural_id_column: str | None = None
+
+
+def _read_hf(ds: Any, p: HfParams, split: str) -> tuple:
+    import datasets
+
+    where = f"split '{split}' of {p.path}"
+    wanted = [("data.feature_column", p.feature_column), ("data.label_column", p.label_column)]
+    if p.natural_id_column is not None:
+        wanted.append(("data.natural_id_column", p.natural_id_column))
+    for key, column in wanted:
+        if column not in ds.column_names:
+            raise ConfigError(key, column, f"a column of {where}: {', '.join(ds.column_names)}")
+    table = ds.with_format("numpy")
+    image = isinstance(ds.features[p.feature_column], datasets.Image)
+    try:
+        x = np.asarray(table[p.feature_column][:], dtype=np.float32)
+    except (TypeError, ValueError):
+        x = np.empty(0, dtype=object)
+    if x.dtype == object or x.ndim < (3 if image else 2):
+        raise ConfigError(
+            "data.feature_column",
+            p.feature_column,
+            f"numbers, lists or images of one shape in {where}",
+        )
+    if image:
+        x = (x[:, None] if x.ndim == 3 else np.moveaxis(x, -1, 1)) / 255.0
+    y = _labels(table[p.label_column][:], "data.label_column", p.label_column, where)
+    ids = _ids(table[p.natural_id_column][:]) if p.natural_id_column is not None else None
+    return x, y, ids
+
+
+def load_hf(params: HfParams, *, test_fraction: float, seed: int) -> TaskData:
+    """A saved ``Dataset`` or ``DatasetDict`` (``train``, optional ``test``, else a holdout)."""
+    import datasets
+
+    folder = _existing(params.path, is_dir=True)
+    try:
+        saved = datasets.load_from_disk(str(folder))
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise ConfigError("data.path", params.path, f"a save_to_disk directory ({err})") from None
+    if isinstance(saved, datasets.DatasetDict):
+        if "train" not in saved:
+            raise ConfigError(
+                "data.path", params.path, f"a DatasetDict with a 'train' split, not {list(saved)}"
+            )
+        train_ds, test_ds = saved["train"], saved.get("test")
+    else:
+        train_ds, test_ds = saved, None
+    label = train_ds.features.get(params.label_column)
+    classes = label.num_classes if isinstance(label, datasets.ClassLabel) else None
+    train = _read_hf(train_ds, params, "train")
+    test = _read_hf(test_ds, params, "test") if test_ds is not None else None
+    name = f"hf dataset {params.path}"
+    return _task(
+        name,
+        train,
+        test,
+        label="data.label_column",
+        test_fraction=test_fraction,
+        seed=seed,
+        num_classes=classes,
+    )
+
+
+DATASETS.register("npz", load_npz, params=NpzParams)
+DATASETS.register("csv", load_csv, params=CsvParams)
+DATASETS.register("mnist", load_mnist, params=PathParams)
+DATASETS.register("cifar10", load_cifar10, params=PathParams)
+DATASETS.register("hf", load_hf, params=HfParams)

@@ -1,0 +1,253 @@
+"""The synchronous round loop on the server: selection, messaging, aggregation, evaluation.
+
+:class:`RoundDriver` is what fedopt's ServerApp runs. Each round it picks the
+participants with a seeded generator (availability first, then sampling),
+lets the registered Flower strategy configure and aggregate exactly those,
+counts the bytes of every message, advances the virtual clock by the slowest
+participant, evaluates centrally and on the clients' test splits, and emits
+one metrics row. Replies are sorted by client id before aggregation so the
+floating-point sums, hence the results, do not depend on arrival order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedopt.clientapp import RESERVED_METRICS
+from fedopt.errors import DivergenceError, RunError
+from fedopt.heterogeneity import VirtualClock, availability, client_speeds
+from fedopt.records import CID_KEY, ByteCounter, SelectedGrid, non_finite_keys, sorted_by_cid
+from fedopt.registry import STRATEGIES
+from fedopt.task import Task, as_tensors, derive_seed
+from fedopt.training import evaluate, load_weights_
+
+__all__ = ["RoundDriver", "worst_fraction_mean"]
+
+log = logging.getLogger("fedopt")
+
+Row = dict[str, Any]
+
+
+def worst_fraction_mean(values: list[float], *, fraction: float = 0.1) -> float:
+    """Mean of the lowest ``ceil(fraction * n)`` values (at least one)."""
+    if not values:
+        return float("nan")
+    k = max(1, math.ceil(fraction * len(values)))
+    return float(np.mean(sorted(values)[:k]))
+
+
+class RoundDriver:
+    """Runs a scenario's rounds against a Flower Grid.
+
+    Parameters
+    ----------
+    task : Task
+        The scenario's task (data, partitions, model factory).
+    emit : callable
+        Receives each metrics row as soon as its round ends.
+    """
+
+    def __init__(self, task: Task, *, emit: Callable[[Row], None]) -> None:
+        self.task = task
+        self.scenario = s = task.scenario
+        entry = STRATEGIES.get(s.strategy.name, key="strategy.name")
+        self.strategy = entry.obj(s.strategy.params, scenario=s)
+        h = s.heterogeneity
+        speeds = client_speeds(h.speed, h.params, num_clients=task.num_clients, seed=s.run.seed)
+        self.clock = VirtualClock(speeds=speeds, base_rate=h.base_rate)
+        self.model = task.new_model()
+        self.test = as_tensors(task.data.test, torch.device("cpu"))
+        self.emit = emit
+        self.bytes = ByteCounter()
+        self.cum_bytes = 0
+        self.client_devices: set[str] = set()
+        self._nodes: list[int] = []
+
+    # -- selection ------------------------------------------------------------------------
+    def select(self, server_round: int) -> list[int]:
+        """The clients that train in ``server_round`` (sorted ids)."""
+        s = self.scenario
+        mask = availability(
+            self.task.num_clients,
+            probability=s.heterogeneity.availability,
+            seed=s.run.seed,
+            round_=server_round,
+        )
+        pool = np.flatnonzero(mask)
+        k = min(s.clients_per_round, len(pool))
+        rng = np.random.default_rng(derive_seed(s.run.seed, server_round, 0, 3))
+        return sorted(int(c) for c in rng.choice(pool, size=k, replace=False))
+
+    def eval_clients(self, server_round: int) -> list[int]:
+        """The clients whose test splits evaluate the global model this round."""
+        n = self.task.num_clients
+        k = self.scenario.run.fed_eval_clients or n
+        if k >= n:
+            return list(range(n))
+        rng = np.random.default_rng(derive_seed(self.scenario.run.seed, server_round, 0, 4))
+        return sorted(int(c) for c in rng.choice(n, size=k, replace=False))
+
+    def node_of(self, cid: int) -> int:
+        """The Flower node that hosts virtual client ``cid``."""
+        return self._nodes[cid % len(self._nodes)]
+
+    # -- messaging ------------------------------------------------------------------------
+    def _exchange(
+        self, grid: Grid, messages: list[Message], cids: list[int], msg_type: str
+    ) -> tuple[list[tuple[int, Message]], dict[int, str], dict[int, int], dict[int, int]]:
+        """Address one message per client, send them, and sort the replies by client."""
+        by_node = {m.metadata.dst_node_id: m for m in messages}
+        out, down = [], {}
+        for cid in cids:
+            template = by_node[self.node_of(cid)]
+            content = RecordDict(dict(template.content.items()))
+            config = ConfigRecord(dict(content.get("config", ConfigRecord()).items()))
+            config[CID_KEY] = cid
+            content["config"] = config
+            down[cid] = self.bytes.content_size(content)
+            out.append(
+                Message(content=content, dst_node_id=self.node_of(cid), message_type=msg_type)
+            )
+        node_to_cid = {self.node_of(c): c for c in cids}
+        replies = grid.send_and_receive(out, timeout=self.scenario.run.timeout)
+        ok, failed, up = [], {}, {}
+        for reply in replies:
+            cid = node_to_cid[reply.metadata.src_node_id]
+            up[cid] = self.bytes.reply_size(reply)
+            if reply.has_error():
+                failed[cid] = reply.error.reason
+            else:
+                ok.append((cid, reply))
+        for cid in set(cids) - {c for c, _ in ok} - set(failed):
+            failed[cid] = "no reply before the timeout"
+        for cid, reason in sorted(failed.items()):
+            log.warning("client %d dropped from round (%s): %s", cid, msg_type, reason)
+        return sorted_by_cid(ok), failed, down, up
+
+    # -- one round ------------------------------------------------------------------------
+    def train_round(
+        self, grid: Grid, server_round: int, arrays: ArrayRecord
+    ) -> tuple[ArrayRecord, Row]:
+        """Run the training half of a round; return the new global arrays and the row."""
+        s = self.scenario
+        cids = self.select(server_round)
+        row: Row = {"round": server_round}
+        if not cids:
+            row.update(num_clients=0, clients=[], bytes_down=0, bytes_up=0, round_sim_time=0.0)
+            return arrays, row
+        grid_view = SelectedGrid(grid, [self.node_of(c) for c in cids])
+        messages = list(
+            self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid_view)
+        )
+        replies, failed, down, up = self._exchange(grid, messages, cids, MessageType.TRAIN)
+        if len(replies) < s.run.min_replies:
+            raise RunError(
+                f"round {server_round}: {len(replies)} of {len(cids)} clients replied, fewer than "
+                f"run.min_replies = {s.run.min_replies}; failures: {failed}"
+            )
+        metrics = {cid: reply.content["metrics"] for cid, reply in replies}
+        bad = [c for c, m in metrics.items() if not math.isfinite(float(m.get("train_loss", 0.0)))]
+        if bad:
+            raise DivergenceError(server_round, "training loss", bad)
+        new_arrays, agg = self.strategy.aggregate_train(server_round, [r for _, r in replies])
+        if new_arrays is None:
+            raise RunError(f"round {server_round}: the strategy aggregated nothing")
+        if bad_keys := non_finite_keys(new_arrays):
+            raise DivergenceError(server_round, f"aggregate in {bad_keys}", list(metrics))
+        durations = {c: self.clock.duration(c, float(m["work"])) for c, m in metrics.items()}
+        round_time = self.clock.finish_round(durations)
+        self.client_devices.update("cuda" if m.get("cuda") else "cpu" for m in metrics.values())
+        row.update(
+            num_clients=len(replies),
+            clients=[c for c, _ in replies],
+            round_sim_time=round_time,
+            bytes_down=sum(down.values()),
+            bytes_up=sum(up.values()),
+        )
+        for key, value in (agg or {}).items():
+            if key not in RESERVED_METRICS and key != "steps":
+                row[key] = float(value)
+        if failed:
+            row["failed_clients"] = sorted(failed)
+        row["per_client"] = {
+            str(c): {
+                "bytes_down": down[c],
+                "bytes_up": up.get(c, 0),
+                "sim_duration": durations.get(c, 0.0),
+                "train_loss": float(metrics[c]["train_loss"]) if c in metrics else None,
+                "num_examples": int(metrics[c]["num-examples"]) if c in metrics else 0,
+            }
+            for c in cids
+        }
+        return new_arrays, row
+
+    def central_eval(self, arrays: ArrayRecord) -> Row:
+        """The global model on the server's held-out test set."""
+        load_weights_(self.model, arrays.to_torch_state_dict())
+        res = evaluate(self.model, *self.test)
+        return {"central_loss": res.loss, "central_accuracy": res.accuracy}
+
+    def federated_eval(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> Row:
+        """The global model on the clients' test splits: weighted mean and worst 10%."""
+        cids = self.eval_clients(server_round)
+        view = SelectedGrid(grid, [self.node_of(c) for c in cids])
+        messages = list(
+            self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), view)
+        )
+        replies, _, down, up = self._exchange(grid, messages, cids, MessageType.EVALUATE)
+        recs = [r.content["metrics"] for _, r in replies]
+        recs = [m for m in recs if int(m["num-examples"]) > 0]
+        self.cum_bytes += sum(down.values()) + sum(up.values())
+        if not recs:
+            return {}
+        n = np.array([int(m["num-examples"]) for m in recs], dtype=np.float64)
+        acc = [float(m["eval_accuracy"]) for m in recs]
+        loss = np.array([float(m["eval_loss"]) for m in recs])
+        return {
+            "fed_loss": float(np.dot(n, loss) / n.sum()),
+            "fed_accuracy": float(np.dot(n, np.array(acc)) / n.sum()),
+            "fed_accuracy_worst10": worst_fraction_mean(acc, fraction=0.1),
+            "fed_clients": len(recs),
+            "fed_bytes": int(sum(down.values()) + sum(up.values())),
+        }
+
+    # -- the whole run --------------------------------------------------------------------
+    def run(self, grid: Grid) -> ArrayRecord:
+        """Run every round; rows go to ``emit`` as they finish."""
+        s = self.scenario
+        self._nodes = sorted(grid.get_node_ids())
+        if len(self._nodes) < self.task.num_clients:
+            raise RunError(
+                f"the federation has {len(self._nodes)} nodes but partition.num_clients = "
+                f"{self.task.num_clients}; start it with num-supernodes={self.task.num_clients}"
+            )
+        t0 = time.perf_counter()
+        arrays = ArrayRecord(self.model.state_dict())
+        first: Row = {"round": 0, "sim_time": 0.0, "cum_bytes": 0}
+        if s.run.eval_every:
+            first.update(self.central_eval(arrays))
+        first["wall_time"] = time.perf_counter() - t0
+        self.emit(first)
+        for r in range(1, s.run.rounds + 1):
+            self.bytes.clear()
+            arrays, row = self.train_round(grid, r, arrays)
+            self.cum_bytes += row["bytes_down"] + row["bytes_up"]
+            last = r == s.run.rounds
+            if s.run.eval_every and (r % s.run.eval_every == 0 or last):
+                row.update(self.central_eval(arrays))
+            if s.run.fed_eval_every and (r % s.run.fed_eval_every == 0 or last):
+                row.update(self.federated_eval(grid, r, arrays))
+            row["sim_time"] = self.clock.now
+            row["cum_bytes"] = self.cum_bytes
+            row["wall_time"] = time.perf_counter() - t0
+            self.emit(row)
+        return arrays

@@ -1,0 +1,261 @@
+"""Builds the ServerApp and ClientApp of a scenario and runs them on Flower's Ray engine.
+
+:func:`run` is the Python API (``fedopt.run``) behind ``fedopt run``: it
+validates the scenario and builds its task *before* Ray starts (so bad input
+fails in a second, not after engine start-up), creates the run directory,
+runs Flower's simulation engine with the Ray backend, and returns a
+:class:`RunResult`. :func:`execute_run` is the ServerApp body shared with the
+``flwr run`` entry point (:mod:`fedopt.flower_app`): it streams metrics rows
+to ``metrics.jsonl`` as rounds finish and always writes the summary, even
+when the run fails, so nothing already measured is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedopt.clientapp import make_client_app
+from fedopt.config import Scenario, load_scenario
+from fedopt.errors import ConfigError
+from fedopt.report import MetricsLog, read_metrics, write_run_files
+from fedopt.server import RoundDriver
+from fedopt.task import Task, build_task
+
+__all__ = ["RunResult", "execute_run", "make_run_dir", "run"]
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished run produced: its directory, per-round rows and summary."""
+
+    run_dir: Path
+    rows: list[Row] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_accuracy(self) -> float | None:
+        """The last measured accuracy (central when available, else federated)."""
+        return self.summary.get("final_accuracy")
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages a run's numbers depend on."""
+    out = {"python": platform.python_version()}
+    for pkg in ("fedopt", "flwr", "ray", "torch", "opacus", "numpy", "flwr-datasets"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def make_run_dir(out: Path, name: str) -> Path:
+    """Create ``out/<name>/<timestamp>`` (suffixed when taken) and return it."""
+    base = Path(out).expanduser().resolve() / name / datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    return path
+
+
+def write_scenario(run_dir: Path, scenario: Scenario) -> Path:
+    """Write the resolved scenario next to the run's results."""
+    path = run_dir / "scenario.toml"
+    path.write_text(tomli_w.dumps(scenario.to_dict()))
+    return path
+
+
+def execute_run(
+    grid: Grid, task: Task, run_dir: Path, *, on_row: Callable[[Row], None] | None = None
+) -> dict[str, Any]:
+    """The ServerApp body: run every round, stream metrics, write the run's files."""
+    rows: list[Row] = []
+    status = "completed"
+    t0 = time.perf_counter()
+    driver: RoundDriver | None = None
+    with MetricsLog(run_dir / "metrics.jsonl") as mlog:
+
+        def emit(row: Row) -> None:
+            mlog.append(row)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+
+        try:
+            driver = RoundDriver(task, emit=emit)
+            driver.run(grid)
+        except BaseException as err:
+            status = f"failed: {err}"
+            raise
+        finally:
+            s = task.scenario
+            devices = sorted(driver.client_devices) if driver else []
+            extra = {
+                "scenario": s.name,
+                "fingerprint": s.fingerprint(),
+                "status": status,
+                "seed": s.run.seed,
+                "strategy": s.strategy.name,
+                "client": s.client.name,
+                "num_clients": task.num_clients,
+                "client_device": "+".join(devices) or "none",
+                "wall_time": time.perf_counter() - t0,
+                "versions": versions(),
+            }
+            write_run_files(run_dir, rows, extra=extra)
+    return extra
+
+
+@contextmanager
+def quiet_engine(log_path: Path) -> Iterator[None]:
+    """Send Flower's and fedopt's log records to ``log_path`` instead of the terminal."""
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    saved = []
+    for name in ("flwr", "fedopt", "ray"):
+        logger = logging.getLogger(name)
+        saved.append((logger, list(logger.handlers), logger.propagate, logger.level))
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        logger.addHandler(handler)
+        logger.propagate = False
+        if name == "fedopt":
+            logger.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, handlers, propagate, level in saved:
+            logger.removeHandler(handler)
+            for h in handlers:
+                logger.addHandler(h)
+            logger.propagate = propagate
+            logger.setLevel(level)
+        handler.close()
+
+
+def backend_config(scenario: Scenario) -> dict[str, Any]:
+    """Flower's Ray backend settings for a scenario (client resources, Ray start-up)."""
+    r = scenario.run
+    init: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.ERROR,
+    }
+    if r.ray_address:
+        init["address"] = r.ray_address
+    elif r.workers is not None:
+        init["num_cpus"] = r.workers * r.num_cpus
+        init["num_gpus"] = torch.cuda.device_count()
+    return {
+        "client_resources": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+        "init_args": init,
+    }
+
+
+def _check_resources(scenario: Scenario) -> None:
+    r = scenario.run
+    if r.num_gpus > 0 and not r.ray_address and not torch.cuda.is_available():
+        raise ConfigError(
+            "run.num_gpus",
+            r.num_gpus,
+            "0 on this machine: it has no CUDA GPU (or use --ray-address)",
+        )
+
+
+def run(
+    scenario: Scenario | str | Path,
+    *,
+    sets: Sequence[str] = (),
+    out: str | Path = "runs",
+    run_dir: Path | None = None,
+    ray_address: str | None = None,
+    on_row: Callable[[Row], None] | None = None,
+) -> RunResult:
+    """Run a scenario on Flower's simulation engine (Ray backend) and return its results.
+
+    Parameters
+    ----------
+    scenario : Scenario or path
+        A validated scenario or the path of a scenario file.
+    sets : sequence of str
+        ``key=value`` overrides (only with a path).
+    out : path
+        Parent of the run directory ``<out>/<scenario name>/<timestamp>``.
+    run_dir : Path, optional
+        Use this (existing, empty) directory instead.
+    ray_address : str, optional
+        Join an existing Ray cluster instead of starting a local one.
+    on_row : callable, optional
+        Called with each metrics row as its round ends (progress display).
+    """
+    from flwr.simulation import run_simulation
+
+    if not isinstance(scenario, Scenario):
+        scenario = load_scenario(scenario, sets)
+    if ray_address:
+        scenario = scenario.replace(**{"run.ray_address": ray_address})
+    _check_resources(scenario)
+    task = build_task(scenario)
+    run_dir = Path(run_dir) if run_dir is not None else make_run_dir(Path(out), scenario.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_scenario(run_dir, scenario)
+    raw = scenario.to_dict()
+    outcome: dict[str, BaseException] = {}
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            execute_run(grid, task, run_dir, on_row=on_row)
+        except BaseException as err:
+            outcome["error"] = err
+
+    client_app = make_client_app(lambda context: raw)
+    env = {"RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0", "FLWR_TELEMETRY_ENABLED": "0"}
+    saved_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with quiet_engine(run_dir / "engine.log"):
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=task.num_clients,
+                backend_name="ray",
+                backend_config=backend_config(scenario),
+            )
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if "error" in outcome:
+        raise outcome["error"]
+    rows = read_metrics(run_dir)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return RunResult(run_dir=run_dir, rows=rows, summary=summary)

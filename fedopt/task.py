@@ -1,0 +1,91 @@
+"""The learning task of a scenario: its data, the clients' partitions, and the model factory.
+
+Server and clients build the same :class:`Task` from the same scenario, and it
+comes out identical everywhere because every random choice in it is seeded by
+``run.seed``. Building it is also how a scenario's data-dependent errors
+(more clients than examples, a model that does not fit the data) surface
+before any engine starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedopt.config import Scenario
+from fedopt.data import Dataset, TaskData, load_task_data, partition_clients, split_client
+from fedopt.models import build_model
+
+__all__ = ["Task", "build_task", "derive_seed"]
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers (run seed, round, client id, ...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+@dataclass(frozen=True)
+class Task:
+    """Data and model of one scenario, ready for the server and for any client."""
+
+    scenario: Scenario
+    data: TaskData
+    parts: tuple[np.ndarray, ...]
+
+    @property
+    def num_clients(self) -> int:
+        """Number of clients the training pool is split into."""
+        return len(self.parts)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example."""
+        return self.data.train.input_shape
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the task."""
+        return self.data.train.num_classes
+
+    def client_data(self, cid: int) -> tuple[Dataset, Dataset]:
+        """The (train, test) split of client ``cid``."""
+        if not 0 <= cid < self.num_clients:
+            raise IndexError(f"client id {cid} is outside 0..{self.num_clients - 1}")
+        train_idx, test_idx = split_client(
+            self.parts[cid],
+            test_fraction=self.scenario.partition.test_fraction,
+            seed=self.scenario.run.seed,
+            cid=cid,
+        )
+        return self.data.train.subset(train_idx), self.data.train.subset(test_idx)
+
+    def new_model(self) -> nn.Module:
+        """A freshly initialised model (same weights for the same seed, everywhere)."""
+        m = self.scenario.model
+        return build_model(
+            m.name,
+            m.params,
+            input_shape=self.input_shape,
+            num_classes=self.num_classes,
+            seed=self.scenario.run.seed,
+        )
+
+
+def build_task(scenario: Scenario) -> Task:
+    """Load the dataset, partition it into clients and check the model against it."""
+    d, p = scenario.data, scenario.partition
+    data = load_task_data(d.name, d.params, test_fraction=d.test_fraction, seed=scenario.run.seed)
+    parts = partition_clients(
+        data.train, p.name, p.params, num_clients=p.num_clients, seed=scenario.run.seed
+    )
+    task = Task(scenario, data, tuple(parts))
+    task.new_model()
+    return task
+
+
+def as_tensors(ds: Dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dataset's arrays as tensors on ``device``."""
+    return torch.from_numpy(ds.x).to(device), torch.from_numpy(ds.y).to(device)

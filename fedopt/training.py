@@ -1,0 +1,310 @@
+"""Local training and evaluation of one model on one client's tensors, plus weight transfer.
+
+The functions here are plain PyTorch and keep no state between calls, so one
+process can train many virtual clients back to back on a single resident
+model: load the client's starting weights with :func:`load_weights_` (an
+in-place copy), call :func:`train_local` with the client's own
+``torch.Generator``, and read the result back with :func:`get_weights`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedopt.errors import did_you_mean
+from fedopt.params import check
+from fedopt.registry import OPTIMIZERS
+
+__all__ = [
+    "EvalResult",
+    "LocalTrainConfig",
+    "TrainResult",
+    "evaluate",
+    "get_weights",
+    "load_weights_",
+    "train_local",
+]
+
+
+def _sgd(parameters: list[nn.Parameter], cfg: LocalTrainConfig) -> torch.optim.Optimizer:
+    """Stochastic gradient descent with optional heavy-ball momentum and weight decay."""
+    return torch.optim.SGD(
+        parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+
+
+def _adam(parameters: list[nn.Parameter], cfg: LocalTrainConfig) -> torch.optim.Optimizer:
+    """Adam with the default betas and L2 weight decay."""
+    return torch.optim.Adam(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+OPTIMIZERS.register("sgd", _sgd)
+OPTIMIZERS.register("adam", _adam)
+
+
+@dataclass(frozen=True)
+class LocalTrainConfig:
+    """How a client trains locally in one round.
+
+    Attributes
+    ----------
+    epochs : int
+        Passes over the local data (ignored when ``steps`` is set).
+    steps : int or None
+        If set, exactly this many minibatch steps, reshuffling at each pass.
+    batch_size : int
+        Minibatch size; the last partial batch of a pass is kept.
+    optimizer : str
+        A name registered in ``OPTIMIZERS`` (``sgd``, ``adam``).
+    lr : float
+        Learning rate.
+    momentum : float
+        SGD momentum in [0, 1).
+    weight_decay : float
+        L2 penalty coefficient (>= 0).
+    max_grad_norm : float or None
+        If set, gradients are clipped to this global L2 norm before each step.
+    """
+
+    epochs: int = 1
+    steps: int | None = None
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        check(self.steps is None or self.steps >= 1, "steps", self.steps, "an integer >= 1")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        names = OPTIMIZERS.names()
+        check(
+            self.optimizer in OPTIMIZERS,
+            "optimizer",
+            self.optimizer,
+            "one of " + ", ".join(names) + did_you_mean(self.optimizer, names),
+        )
+        check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number > 0")
+        check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "a number in [0, 1)")
+        check(
+            0.0 <= self.weight_decay < math.inf,
+            "weight_decay",
+            self.weight_decay,
+            "a finite number >= 0",
+        )
+        check(
+            self.max_grad_norm is None or 0.0 < self.max_grad_norm < math.inf,
+            "max_grad_norm",
+            self.max_grad_norm,
+            "a finite number > 0, or omitted for no clipping",
+        )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of one call of :func:`train_local`.
+
+    Attributes
+    ----------
+    loss : float
+        Example-weighted mean data loss over the steps run; nan if a loss was non-finite.
+    accuracy : float
+        Accuracy on the minibatches seen.
+    num_examples : int
+        Size of the client's training set (its aggregation weight).
+    steps : int
+        Optimizer steps taken.
+    examples_processed : int
+        Sum of the batch sizes of the steps taken (the work for the virtual clock).
+    """
+
+    loss: float
+    accuracy: float
+    num_examples: int
+    steps: int
+    examples_processed: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Loss and accuracy of a model on a data set."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def _batches(
+    n: int, batch_size: int, total_steps: int, generator: torch.Generator, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Yield ``total_steps`` index batches, drawing a fresh permutation at each pass."""
+    done = 0
+    while done < total_steps:
+        perm = torch.randperm(n, generator=generator).to(device)
+        for start in range(0, n, batch_size):
+            if done == total_steps:
+                return
+            yield perm[start : start + batch_size]
+            done += 1
+
+
+def train_local(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: LocalTrainConfig,
+    *,
+    generator: torch.Generator,
+    proximal_mu: float = 0.0,
+) -> TrainResult:
+    """Train ``model`` in place on ``(x, y)`` with cross-entropy and a fresh optimizer.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Trained in place; only parameters with ``requires_grad`` change.
+    x, y : torch.Tensor
+        Inputs and integer labels, already on the model's device.
+    cfg : LocalTrainConfig
+        Epochs or steps, batch size and optimizer settings.
+    generator : torch.Generator
+        CPU generator that draws the minibatch permutations.
+    proximal_mu : float
+        If > 0, adds ``(mu / 2) * sum ||w - w0||^2`` over the trainable
+        parameters, ``w0`` being their values at the start of the call (FedProx).
+
+    Returns
+    -------
+    TrainResult
+        Training loss and accuracy, the step count and the work done. A
+        non-finite loss stops training at once and gives ``loss = nan``.
+    """
+    check(
+        proximal_mu >= 0.0 and math.isfinite(proximal_mu),
+        "proximal_mu",
+        proximal_mu,
+        "a finite number >= 0",
+    )
+    n = len(x)
+    if n == 0:
+        return TrainResult(math.nan, math.nan, 0, 0, 0)
+    if y.dtype != torch.long:
+        y = y.long()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+    optimizer = OPTIMIZERS.get(cfg.optimizer, key="optimizer").obj(trainable, cfg)
+    anchors = [p.detach().clone() for p in trainable] if proximal_mu > 0 else []
+    total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * math.ceil(n / cfg.batch_size)
+
+    was_training = model.training
+    model.train()
+    loss_sum = 0.0
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    steps = seen = 0
+    diverged = False
+    try:
+        for idx in _batches(n, cfg.batch_size, total_steps, generator, x.device):
+            xb, yb = x[idx], y[idx]
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(xb)
+            data_loss = F.cross_entropy(logits, yb)
+            loss = data_loss
+            if anchors:
+                prox = sum((p - a).pow(2).sum() for p, a in zip(trainable, anchors, strict=True))
+                loss = data_loss + 0.5 * proximal_mu * prox
+            data_val, total_val = torch.stack([data_loss.detach(), loss.detach()]).tolist()
+            if not (math.isfinite(data_val) and math.isfinite(total_val)):
+                diverged = True
+                break
+            loss.backward()
+            if cfg.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            optimizer.step()
+            b = len(idx)
+            loss_sum += data_val * b
+            correct += (logits.detach().argmax(dim=1) == yb).sum()
+            steps += 1
+            seen += b
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        model.train(was_training)
+    accuracy = int(correct.item()) / seen if seen else math.nan
+    loss_mean = math.nan if diverged or not seen else loss_sum / seen
+    return TrainResult(loss_mean, accuracy, n, steps, seen)
+
+
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024
+) -> EvalResult:
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``; restores the train/eval mode."""
+    check(batch_size >= 1, "batch_size", batch_size, "an integer >= 1")
+    n = len(x)
+    if n == 0:
+        return EvalResult(math.nan, math.nan, 0)
+    if y.dtype != torch.long:
+        y = y.long()
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    try:
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+                logits = model(xb)
+                loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
+                correct += (logits.argmax(dim=1) == yb).sum()
+    finally:
+        model.train(was_training)
+    return EvalResult(float(loss_sum.item()) / n, int(correct.item()) / n, n)
+
+
+def load_weights_(model: nn.Module, state: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+    """Copy ``state`` into the model's existing parameters and buffers, in place.
+
+    Raises
+    ------
+    ValueError
+        If the key sets differ (naming the missing and unexpected keys) or a
+        shape differs (naming the key).
+    """
+    targets = model.state_dict()
+    missing = [k for k in targets if k not in state]
+    unexpected = [k for k in state if k not in targets]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights do not match the model: missing keys {missing}, unexpected keys {unexpected}"
+        )
+    sources: dict[str, torch.Tensor] = {}
+    for key, target in targets.items():
+        value = state[key]
+        if isinstance(value, np.ndarray) and not value.flags.writeable:
+            value = value.copy()
+        source = torch.as_tensor(value)
+        if tuple(source.shape) != tuple(target.shape):
+            raise ValueError(
+                f"weight '{key}' has shape {tuple(source.shape)}, "
+                f"the model expects {tuple(target.shape)}"
+            )
+        sources[key] = source
+    with torch.no_grad():
+        for key, target in targets.items():
+            target.copy_(sources[key])
+
+
+def get_weights(model: nn.Module) -> dict[str, np.ndarray]:
+    """Return the model's state_dict as CPU numpy copies, in state_dict order."""
+    return {
+        key: value.detach().to("cpu", copy=True).numpy()
+        for key, value in model.state_dict().items()
+    }

@@ -1,0 +1,1 @@
+"""Runnable scenario files shipped with fedopt (see README.md in this folder)."""
