@@ -29,13 +29,14 @@ Record = ArrayRecord | ConfigRecord | MetricRecord
 class ClientState:
     """The persistent state of one virtual client inside a node's ``Context.state``.
 
-    Records are stored under ``"client<cid>/<name>"`` so a node that hosts
-    several virtual clients keeps each one's state apart.
+    Records are stored under ``"<run>/client<cid>/<name>"`` so a node that
+    hosts several virtual clients, or serves several runs of a sweep, keeps
+    each one's state apart.
     """
 
-    def __init__(self, state: RecordDict, cid: int) -> None:
+    def __init__(self, state: RecordDict, cid: int, *, run_key: str = "") -> None:
         self._state = state
-        self._prefix = f"client{cid}/"
+        self._prefix = f"{run_key}/client{cid}/"
 
     def get(self, name: str) -> Record | None:
         """The record stored under ``name``, or None."""

@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 
 from fedopt.client import ClientJob, ClientState
 from fedopt.config import Scenario, parse_scenario
+from fedopt.records import RUN_KEY
 from fedopt.registry import CLIENTS
 from fedopt.task import Task, as_tensors, build_task, derive_seed
 from fedopt.training import evaluate
@@ -37,6 +38,12 @@ def pick_device(scenario: Scenario) -> torch.device:
     return torch.device("cpu")
 
 
+def message_run_key(msg: Message) -> str:
+    """The run a message belongs to (a sweep drives several runs through one federation)."""
+    config = msg.content.get("config")
+    return str(config[RUN_KEY]) if config is not None and RUN_KEY in config else ""
+
+
 def message_cid(msg: Message, context: Context) -> int:
     """The virtual client a message is for: ``config["cid"]``, else the node's partition."""
     config = msg.content.get("config")
@@ -48,8 +55,9 @@ def message_cid(msg: Message, context: Context) -> int:
 class ClientRuntime:
     """Everything a worker builds once for a scenario and reuses for every client it serves."""
 
-    def __init__(self, scenario: Scenario) -> None:
+    def __init__(self, scenario: Scenario, *, run_key: str = "") -> None:
         self.scenario = scenario
+        self.run_key = run_key
         torch.set_num_threads(scenario.run.num_cpus)
         self.task: Task = build_task(scenario)
         self.device = pick_device(scenario)
@@ -85,7 +93,7 @@ class ClientRuntime:
             y=y,
             config=config,
             content=msg.content,
-            state=ClientState(context.state, cid),
+            state=ClientState(context.state, cid, run_key=self.run_key),
             generator=torch.Generator().manual_seed(seed),
             device=self.device,
         )
@@ -118,33 +126,62 @@ class ClientRuntime:
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
+Resolver = Callable[[Context], Mapping[str, Mapping[str, Any]]]
+
+
+class _ResidentRuntime:
+    """The worker process's slot for its runtime: built on first use, rebuilt when the run changes.
+
+    Runs of a sweep come one after another, so one runtime is kept at a time.
+    """
+
+    def __init__(self) -> None:
+        self.runtime: ClientRuntime | None = None
+        self.key: str | None = None
+
+    def get(self, runs: Mapping[str, Mapping[str, Any]], msg: Message) -> ClientRuntime:
+        run_key = message_run_key(msg)
+        if run_key not in runs:
+            if len(runs) != 1 or run_key:
+                raise KeyError(f"message for unknown run {run_key!r}; known: {sorted(runs)}")
+            run_key = next(iter(runs))
+        raw = runs[run_key]
+        key = run_key + json.dumps(raw, sort_keys=True, default=str)
+        if self.runtime is None or key != self.key:
+            self.runtime = None
+            self.runtime = ClientRuntime(parse_scenario(raw), run_key=run_key)
+            self.key = key
+        return self.runtime
+
+
+_RESIDENT = _ResidentRuntime()
+
+
 class _RuntimeHolder:
-    """Builds the worker's runtime on first use and rebuilds it if the scenario changes."""
+    """Resolves a message's run and returns the worker's resident runtime for it."""
 
-    def __init__(self, resolve: Callable[[Context], Mapping[str, Any]]) -> None:
+    def __init__(self, resolve: Resolver) -> None:
         self._resolve = resolve
-        self._runtime: ClientRuntime | None = None
-        self._key: str | None = None
 
-    def get(self, context: Context) -> ClientRuntime:
-        raw = self._resolve(context)
-        key = json.dumps(raw, sort_keys=True, default=str)
-        if self._runtime is None or key != self._key:
-            self._runtime, self._key = ClientRuntime(parse_scenario(raw)), key
-        return self._runtime
+    def get(self, msg: Message, context: Context) -> ClientRuntime:
+        return _RESIDENT.get(self._resolve(context), msg)
 
 
-def make_client_app(resolve: Callable[[Context], Mapping[str, Any]]) -> ClientApp:
-    """A ClientApp whose scenario comes from ``resolve(context)`` (a plain scenario mapping)."""
+def make_client_app(resolve: Resolver) -> ClientApp:
+    """A ClientApp whose runs come from ``resolve(context)``: ``{run key: scenario mapping}``.
+
+    A message names its run under ``config["run-key"]``; with a single run the
+    key may be omitted (as under ``flwr run``).
+    """
     holder = _RuntimeHolder(resolve)
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return holder.get(context).train(msg, context)
+        return holder.get(msg, context).train(msg, context)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        return holder.get(context).evaluate(msg, context)
+        return holder.get(msg, context).evaluate(msg, context)
 
     return app

@@ -35,7 +35,7 @@ from typing import Any
 
 from fedopt.config import Scenario, apply_overrides, parse_scenario, read_toml
 from fedopt.errors import ConfigError, did_you_mean
-from fedopt.simulation import make_run_dir, run
+from fedopt.simulation import make_run_dir, run_batch
 from fedopt.tables import CellResult, write_compare
 
 __all__ = ["Sweep", "Variant", "load_sweep", "run_sweep"]
@@ -152,23 +152,33 @@ def run_sweep(
     ray_address: str | None = None,
     on_cell: Callable[[int, CellResult], None] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Run every cell, then write comparison.md / comparison.csv and overlay plots."""
+    """Run every cell in one federation, then write the comparison table and overlay plots."""
     out_dir = make_run_dir(Path(out), sweep.name)
+    cells = sweep.cells()
+    scenarios = [sc for *_, sc in cells]
+    if ray_address:
+        scenarios = [sc.replace(**{"run.ray_address": ray_address}) for sc in scenarios]
+    dirs = [
+        out_dir / "cells" / _slug(setting.label) / _slug(strategy.label) / f"seed{seed}"
+        for strategy, setting, seed, _ in cells
+    ]
     results: list[CellResult] = []
-    for i, (strategy, setting, seed, scenario) in enumerate(sweep.cells(), start=1):
-        cell_dir = out_dir / "cells" / _slug(setting.label) / _slug(strategy.label) / f"seed{seed}"
-        res = run(scenario, run_dir=cell_dir, ray_address=ray_address)
+
+    def done(i: int, res: Any) -> None:
+        strategy, setting, seed, _ = cells[i]
         cell = CellResult(
             strategy=strategy.label,
             setting=setting.label,
             seed=seed,
             rows=tuple(res.rows),
             summary=res.summary,
-            run_dir=str(cell_dir),
+            run_dir=str(res.run_dir),
         )
         results.append(cell)
         if on_cell is not None:
-            on_cell(i, cell)
+            on_cell(i + 1, cell)
+
+    run_batch(scenarios, dirs, on_done=done)
     paths = write_compare(results, out_dir, target=sweep.target, title=sweep.name)
     return out_dir, paths
 

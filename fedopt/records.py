@@ -18,6 +18,8 @@ __all__ = ["ByteCounter", "SelectedGrid", "non_finite_keys"]
 
 #: Key of the ConfigRecord that names the virtual client a message is for.
 CID_KEY = "cid"
+#: Key of the ConfigRecord that names the run (sweeps drive several runs in one federation).
+RUN_KEY = "run-key"
 
 
 class ByteCounter:

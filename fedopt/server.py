@@ -25,7 +25,14 @@ from flwr.serverapp import Grid
 from fedopt.clientapp import RESERVED_METRICS
 from fedopt.errors import DivergenceError, RunError
 from fedopt.heterogeneity import VirtualClock, availability, client_speeds
-from fedopt.records import CID_KEY, ByteCounter, SelectedGrid, non_finite_keys, sorted_by_cid
+from fedopt.records import (
+    CID_KEY,
+    RUN_KEY,
+    ByteCounter,
+    SelectedGrid,
+    non_finite_keys,
+    sorted_by_cid,
+)
 from fedopt.registry import STRATEGIES
 from fedopt.task import Task, as_tensors, derive_seed
 from fedopt.training import evaluate, load_weights_
@@ -54,10 +61,13 @@ class RoundDriver:
         The scenario's task (data, partitions, model factory).
     emit : callable
         Receives each metrics row as soon as its round ends.
+    run_key : str
+        Names this run in every message, when several runs share one federation.
     """
 
-    def __init__(self, task: Task, *, emit: Callable[[Row], None]) -> None:
+    def __init__(self, task: Task, *, emit: Callable[[Row], None], run_key: str = "") -> None:
         self.task = task
+        self.run_key = run_key
         self.scenario = s = task.scenario
         entry = STRATEGIES.get(s.strategy.name, key="strategy.name")
         self.strategy = entry.obj(s.strategy.params, scenario=s)
@@ -112,6 +122,8 @@ class RoundDriver:
             content = RecordDict(dict(template.content.items()))
             config = ConfigRecord(dict(content.get("config", ConfigRecord()).items()))
             config[CID_KEY] = cid
+            if self.run_key:
+                config[RUN_KEY] = self.run_key
             content["config"] = config
             down[cid] = self.bytes.content_size(content)
             out.append(
@@ -206,19 +218,19 @@ class RoundDriver:
         replies, _, down, up = self._exchange(grid, messages, cids, MessageType.EVALUATE)
         recs = [r.content["metrics"] for _, r in replies]
         recs = [m for m in recs if int(m["num-examples"]) > 0]
-        self.cum_bytes += sum(down.values()) + sum(up.values())
+        out: Row = {"eval_bytes_down": sum(down.values()), "eval_bytes_up": sum(up.values())}
         if not recs:
-            return {}
+            return out
         n = np.array([int(m["num-examples"]) for m in recs], dtype=np.float64)
         acc = [float(m["eval_accuracy"]) for m in recs]
         loss = np.array([float(m["eval_loss"]) for m in recs])
-        return {
-            "fed_loss": float(np.dot(n, loss) / n.sum()),
-            "fed_accuracy": float(np.dot(n, np.array(acc)) / n.sum()),
-            "fed_accuracy_worst10": worst_fraction_mean(acc, fraction=0.1),
-            "fed_clients": len(recs),
-            "fed_bytes": int(sum(down.values()) + sum(up.values())),
-        }
+        out.update(
+            fed_loss=float(np.dot(n, loss) / n.sum()),
+            fed_accuracy=float(np.dot(n, np.array(acc)) / n.sum()),
+            fed_accuracy_worst10=worst_fraction_mean(acc, fraction=0.1),
+            fed_clients=len(recs),
+        )
+        return out
 
     # -- the whole run --------------------------------------------------------------------
     def run(self, grid: Grid) -> ArrayRecord:
@@ -240,12 +252,14 @@ class RoundDriver:
         for r in range(1, s.run.rounds + 1):
             self.bytes.clear()
             arrays, row = self.train_round(grid, r, arrays)
-            self.cum_bytes += row["bytes_down"] + row["bytes_up"]
             last = r == s.run.rounds
             if s.run.eval_every and (r % s.run.eval_every == 0 or last):
                 row.update(self.central_eval(arrays))
             if s.run.fed_eval_every and (r % s.run.fed_eval_every == 0 or last):
                 row.update(self.federated_eval(grid, r, arrays))
+                row["bytes_down"] += row["eval_bytes_down"]
+                row["bytes_up"] += row["eval_bytes_up"]
+            self.cum_bytes += row["bytes_down"] + row["bytes_up"]
             row["sim_time"] = self.clock.now
             row["cum_bytes"] = self.cum_bytes
             row["wall_time"] = time.perf_counter() - t0

@@ -38,7 +38,7 @@ from fedopt.report import MetricsLog, read_metrics, write_run_files
 from fedopt.server import RoundDriver
 from fedopt.task import Task, build_task
 
-__all__ = ["RunResult", "execute_run", "make_run_dir", "run"]
+__all__ = ["RunResult", "execute_run", "load_result", "make_run_dir", "run", "run_batch"]
 
 Row = dict[str, Any]
 
@@ -87,9 +87,14 @@ def write_scenario(run_dir: Path, scenario: Scenario) -> Path:
 
 
 def execute_run(
-    grid: Grid, task: Task, run_dir: Path, *, on_row: Callable[[Row], None] | None = None
+    grid: Grid,
+    task: Task,
+    run_dir: Path,
+    *,
+    run_key: str = "",
+    on_row: Callable[[Row], None] | None = None,
 ) -> dict[str, Any]:
-    """The ServerApp body: run every round, stream metrics, write the run's files."""
+    """The ServerApp body of one run: every round, streamed metrics, the run's files."""
     rows: list[Row] = []
     status = "completed"
     t0 = time.perf_counter()
@@ -103,7 +108,7 @@ def execute_run(
                 on_row(row)
 
         try:
-            driver = RoundDriver(task, emit=emit)
+            driver = RoundDriver(task, emit=emit, run_key=run_key)
             driver.run(grid)
         except BaseException as err:
             status = f"failed: {err}"
@@ -175,14 +180,97 @@ def backend_config(scenario: Scenario) -> dict[str, Any]:
     }
 
 
-def _check_resources(scenario: Scenario) -> None:
-    r = scenario.run
-    if r.num_gpus > 0 and not r.ray_address and not torch.cuda.is_available():
+def _check_resources(scenarios: Sequence[Scenario]) -> None:
+    first = scenarios[0].run
+    for sc in scenarios[1:]:
+        for key in ("num_cpus", "num_gpus", "workers", "ray_address"):
+            if getattr(sc.run, key) != getattr(first, key):
+                raise ConfigError(
+                    f"run.{key}",
+                    getattr(sc.run, key),
+                    f"the same value in every run of a batch "
+                    f"({getattr(first, key)!r}): they share one federation",
+                )
+    if first.num_gpus > 0 and not first.ray_address and not torch.cuda.is_available():
         raise ConfigError(
             "run.num_gpus",
-            r.num_gpus,
+            first.num_gpus,
             "0 on this machine: it has no CUDA GPU (or use --ray-address)",
         )
+
+
+def load_result(run_dir: Path) -> RunResult:
+    """Read a finished run directory back into a :class:`RunResult`."""
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    return RunResult(run_dir=run_dir, rows=read_metrics(run_dir), summary=summary)
+
+
+def run_batch(
+    scenarios: Sequence[Scenario],
+    run_dirs: Sequence[Path],
+    *,
+    on_row: Callable[[int, Row], None] | None = None,
+    on_done: Callable[[int, RunResult], None] | None = None,
+) -> list[RunResult]:
+    """Run several scenarios one after another in ONE Flower simulation (one Ray start-up).
+
+    The federation has as many nodes as the largest run has clients; each
+    message names its run, so client workers build each run's task once and
+    keep every run's client state apart. Results are identical to running the
+    scenarios one by one. All runs must ask for the same client resources.
+    """
+    from flwr.simulation import run_simulation
+
+    if not scenarios or len(scenarios) != len(run_dirs):
+        raise ValueError("run_batch needs one run directory per scenario")
+    _check_resources(scenarios)
+    tasks = [build_task(sc) for sc in scenarios]
+    keys = [f"{i}-{sc.fingerprint()}" for i, sc in enumerate(scenarios)]
+    for sc, run_dir in zip(scenarios, run_dirs, strict=True):
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        write_scenario(Path(run_dir), sc)
+    raws = {k: sc.to_dict() for k, sc in zip(keys, scenarios, strict=True)}
+    outcome: dict[str, BaseException] = {}
+    results: list[RunResult] = []
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        for i, (task, run_dir, key) in enumerate(zip(tasks, run_dirs, keys, strict=True)):
+            row_cb = (lambda row, i=i: on_row(i, row)) if on_row is not None else None
+            try:
+                execute_run(grid, task, Path(run_dir), run_key=key, on_row=row_cb)
+            except BaseException as err:
+                outcome["error"] = err
+                return
+            results.append(load_result(Path(run_dir)))
+            if on_done is not None:
+                on_done(i, results[-1])
+
+    client_app = make_client_app(lambda context: raws)
+    env = {"RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0", "FLWR_TELEMETRY_ENABLED": "0"}
+    saved_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with quiet_engine(Path(run_dirs[0]) / "engine.log"):
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=max(t.num_clients for t in tasks),
+                backend_name="ray",
+                backend_config=backend_config(scenarios[0]),
+            )
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if "error" in outcome:
+        raise outcome["error"]
+    return results
 
 
 def run(
@@ -205,57 +293,18 @@ def run(
     out : path
         Parent of the run directory ``<out>/<scenario name>/<timestamp>``.
     run_dir : Path, optional
-        Use this (existing, empty) directory instead.
+        Use this directory instead.
     ray_address : str, optional
         Join an existing Ray cluster instead of starting a local one.
     on_row : callable, optional
         Called with each metrics row as its round ends (progress display).
     """
-    from flwr.simulation import run_simulation
-
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario, sets)
     if ray_address:
         scenario = scenario.replace(**{"run.ray_address": ray_address})
-    _check_resources(scenario)
-    task = build_task(scenario)
+    _check_resources([scenario])
+    build_task(scenario)
     run_dir = Path(run_dir) if run_dir is not None else make_run_dir(Path(out), scenario.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_scenario(run_dir, scenario)
-    raw = scenario.to_dict()
-    outcome: dict[str, BaseException] = {}
-
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        try:
-            execute_run(grid, task, run_dir, on_row=on_row)
-        except BaseException as err:
-            outcome["error"] = err
-
-    client_app = make_client_app(lambda context: raw)
-    env = {"RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0", "FLWR_TELEMETRY_ENABLED": "0"}
-    saved_env = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        with quiet_engine(run_dir / "engine.log"):
-            run_simulation(
-                server_app=server_app,
-                client_app=client_app,
-                num_supernodes=task.num_clients,
-                backend_name="ray",
-                backend_config=backend_config(scenario),
-            )
-    finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    if "error" in outcome:
-        raise outcome["error"]
-    rows = read_metrics(run_dir)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    return RunResult(run_dir=run_dir, rows=rows, summary=summary)
+    cb = (lambda i, row: on_row(row)) if on_row is not None else None
+    return run_batch([scenario], [run_dir], on_row=cb)[0]

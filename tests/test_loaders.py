@@ -78,6 +78,8 @@ def test_npz_errors_are_named(tmp_path):
     assert _config_key("npz", {"path": str(tmp_path)}) == "data.path"
     assert _config_key("npz", {"path": str(tmp_path / "text.npz")}) == "data.path"
     assert _config_key("npz", {"path": str(tmp_path / "len.npz")}) == "data.path"
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 3)), y=np.zeros(0, dtype=int))
+    assert _config_key("npz", {"path": str(tmp_path / "empty.npz")}) == "data.path"
     assert _config_key("npz", {"path": str(good), "x_key": "xx"}) == "data.x_key"
     assert _config_key("npz", {"path": str(good), "y_key": "yy"}) == "data.y_key"
     assert _config_key("npz", {"path": str(good), "natural_id_key": "u"}) == "data.natural_id_key"
@@ -327,6 +329,13 @@ def test_hf_single_dataset_lists_and_ids(tmp_path):
     np.testing.assert_array_equal(task.train.y, row % 3)
     np.testing.assert_array_equal(task.train.x[:, 1, 1], -row)
     np.testing.assert_array_equal(task.train.natural_id, [f"w{i % 4}" for i in row])
+    assert task.train.name == f"hf data at {tmp_path / 's'}"
+    # a column of plain numbers gives one feature per example
+    scalar = _load(
+        "hf", {"path": str(tmp_path / "s"), "feature_column": "target", "label_column": "target"}
+    )
+    assert scalar.train.input_shape == (1,)
+    np.testing.assert_array_equal(scalar.train.x[:, 0], scalar.train.y)
 
 
 def test_hf_errors_are_named(tmp_path):

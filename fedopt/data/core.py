@@ -239,10 +239,10 @@ def split_client(
     Raises
     ------
     ConfigError
-        ``data.client_test_fraction`` outside [0, 1).
+        ``partition.test_fraction`` outside [0, 1).
     """
     if not 0.0 <= test_fraction < 1.0:
-        raise ConfigError("data.client_test_fraction", test_fraction, "a fraction in [0, 1)")
+        raise ConfigError("partition.test_fraction", test_fraction, "a fraction in [0, 1)")
     indices = np.asarray(indices, dtype=np.int64)
     n_test = min(int(round(test_fraction * len(indices))), max(len(indices) - 1, 0))
     if n_test == 0:

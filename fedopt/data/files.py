@@ -63,31 +63,37 @@ def _ids(values: Any) -> np.ndarray:
 
 
 def _task(
-    name: str,
+    task: str,
+    path: str,
     train: tuple[np.ndarray, np.ndarray, np.ndarray | None],
     test: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None,
     *,
-    label: str,
+    label_key: str,
     test_fraction: float,
     seed: int,
+    test_source: tuple[str, str] | None = None,
     num_classes: int | None = None,
 ) -> TaskData:
-    """Assemble train/test arrays (holding out a test set when none is given)."""
+    """Assemble the arrays read from ``path`` (holding out a test set when none is given)."""
     x, y, ids = train
+    test_key, test_path = test_source or ("data.path", path)
+    if len(y) == 0 or (test is not None and len(test[1]) == 0):
+        raise ConfigError(test_key if len(y) else "data.path", path, "at least one example")
     if test is not None and test[0].shape[1:] != x.shape[1:]:
         raise ConfigError(
-            "data.test_path", name, f"test features of shape {x.shape[1:]} like the training data"
+            test_key, test_path, f"test features of shape {x.shape[1:]} like the training data"
         )
-    found = max([int(y.max(initial=-1))] + ([int(test[1].max(initial=-1))] if test else [])) + 1
+    found = max(int(y.max()), int(test[1].max()) if test is not None else 0) + 1
     classes = num_classes or found
     if found > classes:
-        raise ConfigError(label, found - 1, f"labels below the {classes} classes of {name}")
+        raise ConfigError(label_key, found - 1, f"labels below the {classes} classes of {path}")
+    name = f"{task} data at {path}"
     data = Dataset(x, y, classes, ids, name=name)
     if test is None:
         train_ds, test_ds = holdout(data, test_fraction=test_fraction, seed=seed)
     else:
         train_ds, test_ds = data, Dataset(test[0], test[1], classes, test[2], name=name)
-    return TaskData(name.split(" ")[0], train_ds, test_ds)
+    return TaskData(task, train_ds, test_ds)
 
 
 @dataclass(frozen=True)
@@ -140,8 +146,16 @@ def load_npz(params: NpzParams, *, test_fraction: float, seed: int) -> TaskData:
     test = None
     if params.test_path is not None:
         test = _read_npz(params.test_path, "data.test_path", params, need_ids=False)
-    name = f"npz file {params.path}"
-    return _task(name, train, test, label="data.y_key", test_fraction=test_fraction, seed=seed)
+    return _task(
+        "npz",
+        params.path,
+        train,
+        test,
+        label_key="data.y_key",
+        test_fraction=test_fraction,
+        seed=seed,
+        test_source=("data.test_path", str(params.test_path)),
+    )
 
 
 @dataclass(frozen=True)
@@ -203,9 +217,15 @@ def load_csv(params: CsvParams, *, test_fraction: float, seed: int) -> TaskData:
     test = None
     if params.test_path is not None:
         test = tuple(_read_csv(params.test_path, "data.test_path", params, features)[:3])
-    name = f"csv file {params.path}"
     return _task(
-        name, tuple(train), test, label="data.label_column", test_fraction=test_fraction, seed=seed
+        "csv",
+        params.path,
+        tuple(train),
+        test,
+        label_key="data.label_column",
+        test_fraction=test_fraction,
+        seed=seed,
+        test_source=("data.test_path", str(params.test_path)),
     )
 
 
@@ -267,8 +287,15 @@ def load_mnist(params: PathParams, *, test_fraction: float, seed: int) -> TaskDa
             )
         x = (img.astype(np.float32) / 255.0)[:, None, :, :]
         sets.append((x, _labels(lab, "data.path", params.path, lab_file.name), None))
-    name = f"mnist files in {params.path}"
-    return _task(name, sets[0], sets[1], label="data.path", test_fraction=test_fraction, seed=seed)
+    return _task(
+        "mnist",
+        params.path,
+        sets[0],
+        sets[1],
+        label_key="data.path",
+        test_fraction=test_fraction,
+        seed=seed,
+    )
 
 
 def _read_cifar_batch(file: Path, path: str) -> tuple[np.ndarray, np.ndarray, None]:
@@ -307,9 +334,15 @@ def load_cifar10(params: PathParams, *, test_fraction: float, seed: int) -> Task
     parts = [_read_cifar_batch(f, params.path) for f in files]
     train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), None)
     test = _read_cifar_batch(folder / "test_batch", params.path)
-    name = f"cifar10 files in {params.path}"
     return _task(
-        name, train, test, label="data.path", test_fraction=test_fraction, seed=seed, num_classes=10
+        "cifar10",
+        params.path,
+        train,
+        test,
+        label_key="data.path",
+        test_fraction=test_fraction,
+        seed=seed,
+        num_classes=10,
     )
 
 
@@ -338,6 +371,8 @@ def _read_hf(ds: Any, p: HfParams, split: str) -> tuple:
         x = np.asarray(table[p.feature_column][:], dtype=np.float32)
     except (TypeError, ValueError):
         x = np.empty(0, dtype=object)
+    if x.ndim == 1 and not image:
+        x = x[:, None]  # one number per example
     if x.dtype == object or x.ndim < (3 if image else 2):
         raise ConfigError(
             "data.feature_column",
@@ -372,12 +407,12 @@ def load_hf(params: HfParams, *, test_fraction: float, seed: int) -> TaskData:
     classes = label.num_classes if isinstance(label, datasets.ClassLabel) else None
     train = _read_hf(train_ds, params, "train")
     test = _read_hf(test_ds, params, "test") if test_ds is not None else None
-    name = f"hf dataset {params.path}"
     return _task(
-        name,
+        "hf",
+        params.path,
         train,
         test,
-        label="data.label_column",
+        label_key="data.label_column",
         test_fraction=test_fraction,
         seed=seed,
         num_classes=classes,

@@ -184,7 +184,12 @@ class ShardsParams:
     shard_size: int | None = None
 
     def __post_init__(self) -> None:
-        check(self.shards_per_client >= 1, "shards_per_client", self.shards_per_client, ">= 1")
+        check(
+            self.shards_per_client >= 1,
+            "shards_per_client",
+            self.shards_per_client,
+            "an integer >= 1",
+        )
         check(
             self.shard_size is None or self.shard_size >= 1,
             "shard_size",
@@ -210,7 +215,7 @@ def partition_shards(
 
     try:
         return _run(train, make, num_clients)
-    except ValueError:
+    except (ValueError, ZeroDivisionError):  # shard size 0 when shards outnumber examples
         need = num_clients * params.shards_per_client
         raise ConfigError(
             "partition.shards_per_client",
@@ -231,7 +236,7 @@ class QuantityParams:
         check(self.sigma >= 0, "sigma", self.sigma, "a number >= 0")
 
 
-def lognormal_sizes(total: int, num_clients: int, *, sigma: float, seed: int) -> list[int]:
+def lognormal_sizes(total: int, *, num_clients: int, sigma: float, seed: int) -> list[int]:
     """Integer sizes >= 1 summing to ``total``, proportional to lognormal(0, sigma) draws.
 
     Every client gets 1, the rest is shared in proportion to the draws, and the
@@ -254,7 +259,9 @@ def partition_quantity(
     n = len(train)
     makers: dict[str, Callable[[], Any]] = {
         "lognormal": lambda: fp.SizePartitioner(
-            partition_sizes=lognormal_sizes(n, num_clients, sigma=params.sigma, seed=seed)
+            partition_sizes=lognormal_sizes(
+                n, num_clients=num_clients, sigma=params.sigma, seed=seed
+            )
         ),
         "linear": lambda: fp.LinearPartitioner(num_partitions=num_clients),
         "square": lambda: fp.SquarePartitioner(num_partitions=num_clients),
