@@ -91,7 +91,8 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     out_dir, paths = run_sweep(
         sweep, out=Path(args.out), ray_address=args.ray_address, on_cell=on_cell
     )
-    console.print(Path(paths["markdown"]).read_text())
+    table = Path(paths["markdown"]).read_text().split("\n\n![")[0]
+    console.print(table, markup=False, highlight=False)
     console.print(f"comparison directory: {out_dir}")
     return 0
 

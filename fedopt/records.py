@@ -11,10 +11,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
-__all__ = ["ByteCounter", "SelectedGrid", "non_finite_keys"]
+__all__ = ["ByteCounter", "SelectedGrid", "cast_like", "non_finite_keys"]
 
 #: Key of the ConfigRecord that names the virtual client a message is for.
 CID_KEY = "cid"
@@ -70,6 +70,24 @@ class SelectedGrid:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
+
+
+def cast_like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """``arrays`` with each array in the dtype of the same key in ``reference``.
+
+    Some of Flower's server optimizers (FedAdam, FedYogi, FedAdagrad) multiply by
+    numpy float64 scalars and hand back float64 arrays; the global model keeps
+    the model's own dtypes so that it does not silently double in size on the wire.
+    """
+    if all(arrays[k].dtype == reference[k].dtype for k in arrays.keys() if k in reference):
+        return arrays
+    out = ArrayRecord()
+    for key, array in arrays.items():
+        values = array.numpy()
+        if key in reference and str(values.dtype) != reference[key].dtype:
+            values = values.astype(np.dtype(reference[key].dtype))
+        out[key] = Array(values)
+    return out
 
 
 def non_finite_keys(arrays: ArrayRecord) -> list[str]:

@@ -30,6 +30,7 @@ from fedopt.records import (
     RUN_KEY,
     ByteCounter,
     SelectedGrid,
+    cast_like,
     non_finite_keys,
     sorted_by_cid,
 )
@@ -63,10 +64,20 @@ class RoundDriver:
         Receives each metrics row as soon as its round ends.
     run_key : str
         Names this run in every message, when several runs share one federation.
+    node_patience : float
+        Seconds to wait for the federation's nodes to connect.
     """
 
-    def __init__(self, task: Task, *, emit: Callable[[Row], None], run_key: str = "") -> None:
+    def __init__(
+        self,
+        task: Task,
+        *,
+        emit: Callable[[Row], None],
+        run_key: str = "",
+        node_patience: float = 120.0,
+    ) -> None:
         self.task = task
+        self.node_patience = node_patience
         self.run_key = run_key
         self.scenario = s = task.scenario
         entry = STRATEGIES.get(s.strategy.name, key="strategy.name")
@@ -173,6 +184,7 @@ class RoundDriver:
         new_arrays, agg = self.strategy.aggregate_train(server_round, [r for _, r in replies])
         if new_arrays is None:
             raise RunError(f"round {server_round}: the strategy aggregated nothing")
+        new_arrays = cast_like(new_arrays, arrays)
         if bad_keys := non_finite_keys(new_arrays):
             raise DivergenceError(server_round, f"aggregate in {bad_keys}", list(metrics))
         durations = {c: self.clock.duration(c, float(m["work"])) for c, m in metrics.items()}
@@ -232,11 +244,23 @@ class RoundDriver:
         )
         return out
 
+    def wait_for_nodes(self, grid: Grid, *, poll: float = 0.05) -> list[int]:
+        """The federation's node ids, once enough nodes have connected (or patience ran out).
+
+        The engine may start the ServerApp before it has registered every node.
+        """
+        deadline = time.monotonic() + min(self.node_patience, self.scenario.run.timeout)
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.task.num_clients or time.monotonic() > deadline:
+                return nodes
+            time.sleep(poll)
+
     # -- the whole run --------------------------------------------------------------------
     def run(self, grid: Grid) -> ArrayRecord:
         """Run every round; rows go to ``emit`` as they finish."""
         s = self.scenario
-        self._nodes = sorted(grid.get_node_ids())
+        self._nodes = self.wait_for_nodes(grid)
         if len(self._nodes) < self.task.num_clients:
             raise RunError(
                 f"the federation has {len(self._nodes)} nodes but partition.num_clients = "

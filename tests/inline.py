@@ -61,7 +61,7 @@ def run_inline(scenario, run_dir=None):
 
     task = build_task(scenario)
     raw = scenario.to_dict()
-    grid = InlineGrid(make_client_app(lambda ctx: raw), task.num_clients)
+    grid = InlineGrid(make_client_app(lambda ctx: {"": raw}), task.num_clients)
     rows = []
     driver = RoundDriver(task, emit=rows.append)
     driver.run(grid)
