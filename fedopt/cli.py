@@ -1,4 +1,4 @@
-"""The ``fedopt`` command line: run, compare, partitions, report, list.
+"""The ``fedopt`` command line: run, compare, partitions, report, list, reference.
 
 Bad input (a ConfigError) prints one line naming the key, the value and what
 is allowed, and exits with status 2, without a traceback. A run that fails
@@ -156,6 +156,13 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_reference(args: argparse.Namespace, console: Console) -> int:
+    from fedopt.docs import scenario_reference
+
+    print(scenario_reference(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fedopt`` command."""
     p = argparse.ArgumentParser(prog="fedopt", description="Federated learning simulator.")
@@ -193,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list registered datasets, models, clients, strategies")
     ls.set_defaults(fn=cmd_list)
+
+    ref = sub.add_parser("reference", help="print the scenario reference (every key) as Markdown")
+    ref.set_defaults(fn=cmd_reference)
     return p
 
 

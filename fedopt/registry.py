@@ -97,6 +97,10 @@ class Registry(Generic[T]):
 
         return add if obj is None else add(obj)
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a plug-in being unloaded, a test cleaning up)."""
+        self._entries.pop(name, None)
+
     def get(self, name: str, *, key: str | None = None) -> Entry[T]:
         """Return the entry for ``name``; unknown names raise :class:`ConfigError`."""
         try:

@@ -173,11 +173,17 @@ def test_registered_section_is_validated():
             check(self.level >= 0, "level", self.level, ">= 0")
 
     SECTIONS.register("test_extra_section", Extra, replace=True)
-    s = parse_scenario(base(test_extra_section={"level": 3}))
-    assert s.extras["test_extra_section"] == Extra(level=3)
-    assert parse_scenario(s.to_dict()) == s
-    expect(base(test_extra_section={"level": -1}), "test_extra_section.level", ">= 0")
-    expect(base(test_extra_section={"levl": 1}), "test_extra_section.levl", "did you mean 'level'")
+    try:
+        s = parse_scenario(base(test_extra_section={"level": 3}))
+        assert s.extras["test_extra_section"] == Extra(level=3)
+        assert parse_scenario(s.to_dict()) == s
+        expect(base(test_extra_section={"level": -1}), "test_extra_section.level", ">= 0")
+        expect(
+            base(test_extra_section={"levl": 1}), "test_extra_section.levl", "did you mean 'level'"
+        )
+    finally:
+        SECTIONS.unregister("test_extra_section")
+    expect(base(test_extra_section={"level": 3}), "test_extra_section", "a scenario section")
 
 
 def test_data_errors_surface_before_any_engine():
