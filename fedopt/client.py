@@ -119,7 +119,22 @@ class ClientAlgorithm(ABC):
         The client section's parameters (a frozen dataclass).
     scenario : Scenario
         The whole scenario, for optimizers that need more than their own section.
+
+    Attributes
+    ----------
+    metric_stats : Mapping[str, str]
+        Reply metrics the server summarises across clients in each row as
+        ``<key>_min``, ``_max``, ``_mean`` and ``_median``: over this round's
+        replies (``"round"``), or over the latest value of every client heard
+        from so far (``"latest"``, for running totals such as a client's ε,
+        whose final per-client values also go to ``summary.json``).
+
+    A subclass may also define a classmethod ``check_scenario(scenario)`` that
+    raises :class:`~fedopt.errors.ConfigError` for scenarios it cannot run; the
+    validator calls it before anything starts (strategies' factories likewise).
     """
+
+    metric_stats: Mapping[str, str] = {}
 
     def __init__(self, params: Any, *, scenario: Any) -> None:
         self.params = params

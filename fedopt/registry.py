@@ -26,6 +26,7 @@ __all__ = [
     "SECTIONS",
     "SPEEDS",
     "STRATEGIES",
+    "WRAPPERS",
     "Entry",
     "NoParams",
     "Registry",
@@ -132,6 +133,9 @@ SPEEDS: Registry[Callable[..., Any]] = Registry("speed model")
 CLIENTS: Registry[Any] = Registry("client")
 STRATEGIES: Registry[Callable[..., Any]] = Registry("strategy")
 SECTIONS: Registry[Any] = Registry("scenario section")
+#: ``fn(strategy, *, scenario) -> strategy``: wrap the run's strategy (e.g. server-side DP)
+#: when the scenario asks for it; applied in name order after the strategy is built.
+WRAPPERS: Registry[Callable[..., Any]] = Registry("strategy wrapper")
 
 _BUILTIN_MODULES = (
     "fedopt.data",

@@ -34,15 +34,37 @@ from fedopt.records import (
     non_finite_keys,
     sorted_by_cid,
 )
-from fedopt.registry import STRATEGIES
+from fedopt.registry import CLIENTS, STRATEGIES, WRAPPERS
 from fedopt.task import Task, as_tensors, derive_seed
 from fedopt.training import evaluate, load_weights_
 
-__all__ = ["RoundDriver", "worst_fraction_mean"]
+__all__ = ["RoundDriver", "build_strategy", "spread", "worst_fraction_mean"]
 
 log = logging.getLogger("fedopt")
 
 Row = dict[str, Any]
+
+
+def build_strategy(scenario: Any) -> Any:
+    """The scenario's strategy, wrapped by every registered wrapper that applies to it."""
+    entry = STRATEGIES.get(scenario.strategy.name, key="strategy.name")
+    strategy = entry.obj(scenario.strategy.params, scenario=scenario)
+    for wrapper in WRAPPERS:
+        strategy = wrapper.obj(strategy, scenario=scenario)
+    return strategy
+
+
+def spread(prefix: str, values: list[float]) -> Row:
+    """``<prefix>_min/_max/_mean/_median`` of ``values`` (empty when there are none)."""
+    if not values:
+        return {}
+    arr = np.asarray(values, dtype=np.float64)
+    return {
+        f"{prefix}_min": float(arr.min()),
+        f"{prefix}_max": float(arr.max()),
+        f"{prefix}_mean": float(arr.mean()),
+        f"{prefix}_median": float(np.median(arr)),
+    }
 
 
 def worst_fraction_mean(values: list[float], *, fraction: float = 0.1) -> float:
@@ -80,8 +102,9 @@ class RoundDriver:
         self.node_patience = node_patience
         self.run_key = run_key
         self.scenario = s = task.scenario
-        entry = STRATEGIES.get(s.strategy.name, key="strategy.name")
-        self.strategy = entry.obj(s.strategy.params, scenario=s)
+        self.strategy = build_strategy(s)
+        self.metric_stats = dict(CLIENTS.get(s.client.name, key="client.name").obj.metric_stats)
+        self.latest: dict[str, dict[int, float]] = {k: {} for k in self.metric_stats}
         h = s.heterogeneity
         speeds = client_speeds(h.speed, h.params, num_clients=task.num_clients, seed=s.run.seed)
         self.clock = VirtualClock(speeds=speeds, base_rate=h.base_rate)
@@ -202,17 +225,45 @@ class RoundDriver:
                 row[key] = float(value)
         if failed:
             row["failed_clients"] = sorted(failed)
+        row.update(self.client_stats(metrics))
         row["per_client"] = {
             str(c): {
                 "bytes_down": down[c],
                 "bytes_up": up.get(c, 0),
                 "sim_duration": durations.get(c, 0.0),
-                "train_loss": float(metrics[c]["train_loss"]) if c in metrics else None,
                 "num_examples": int(metrics[c]["num-examples"]) if c in metrics else 0,
+                **{
+                    k: float(v)
+                    for k, v in (metrics[c].items() if c in metrics else ())
+                    if k not in RESERVED_METRICS and isinstance(v, (int, float))
+                },
             }
             for c in cids
         }
         return new_arrays, row
+
+    def client_stats(self, metrics: dict[int, Any]) -> Row:
+        """Spread of the client metrics the local optimizer asked the server to summarise."""
+        out: Row = {}
+        for key, scope in self.metric_stats.items():
+            now = {c: float(m[key]) for c, m in metrics.items() if key in m}
+            if scope == "latest":
+                self.latest[key].update(now)
+                out.update(spread(key, list(self.latest[key].values())))
+            else:
+                out.update(spread(key, list(now.values())))
+        return out
+
+    def summary_extra(self) -> Row:
+        """Facts for summary.json: each client's final tracked values, the strategy's own."""
+        out: Row = {}
+        finals = {k: {str(c): v for c, v in sorted(d.items())} for k, d in self.latest.items() if d}
+        if finals:
+            out["clients_final"] = finals
+        extra = getattr(self.strategy, "summary_extra", None)
+        if callable(extra):
+            out.update(extra())
+        return out
 
     def central_eval(self, arrays: ArrayRecord) -> Row:
         """The global model on the server's held-out test set."""

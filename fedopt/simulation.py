@@ -34,6 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedopt.clientapp import make_client_app
 from fedopt.config import Scenario, load_scenario
 from fedopt.errors import ConfigError
+from fedopt.registry import STRATEGIES
 from fedopt.report import MetricsLog, read_metrics, write_run_files
 from fedopt.server import RoundDriver
 from fedopt.task import Task, build_task
@@ -94,7 +95,13 @@ def execute_run(
     run_key: str = "",
     on_row: Callable[[Row], None] | None = None,
 ) -> dict[str, Any]:
-    """The ServerApp body of one run: every round, streamed metrics, the run's files."""
+    """The ServerApp body of one run: every round, streamed metrics, the run's files.
+
+    The server loop is :class:`~fedopt.server.RoundDriver` unless the strategy's
+    registered factory names another one in its ``driver`` attribute (a class
+    with the same constructor, ``run(grid)`` and ``summary_extra()``), as
+    asynchronous or decentralized methods do.
+    """
     rows: list[Row] = []
     status = "completed"
     t0 = time.perf_counter()
@@ -108,7 +115,9 @@ def execute_run(
                 on_row(row)
 
         try:
-            driver = RoundDriver(task, emit=emit, run_key=run_key)
+            entry = STRATEGIES.get(task.scenario.strategy.name, key="strategy.name")
+            driver_cls = getattr(entry.obj, "driver", RoundDriver)
+            driver = driver_cls(task, emit=emit, run_key=run_key)
             driver.run(grid)
         except BaseException as err:
             status = f"failed: {err}"
@@ -127,6 +136,7 @@ def execute_run(
                 "client_device": "+".join(devices) or "none",
                 "wall_time": time.perf_counter() - t0,
                 "versions": versions(),
+                **(driver.summary_extra() if driver is not None else {}),
             }
             write_run_files(run_dir, rows, extra=extra)
     return extra

@@ -201,3 +201,61 @@ def test_server_optimizers_keep_the_model_dtype_on_the_wire():
     assert adam[2]["bytes_down"] == plain[2]["bytes_down"]
     last = [m for m in grid.sent if m.metadata.message_type == "train"][-1]
     assert {a.dtype for a in last.content["arrays"].values()} == {"float32"}
+
+
+def test_metric_stats_and_wrappers_hooks():
+    from flwr.app import ArrayRecord
+
+    from clients.sgd import SGDClient
+    from fedopt.client import ClientUpdate
+    from fedopt.registry import CLIENTS, WRAPPERS
+    from fedopt.training import LocalTrainConfig
+
+    class Counting(SGDClient):
+        """Reports a running count per client and a per-round value."""
+
+        metric_stats = {"visits": "latest", "noise": "round"}
+
+        def fit(self, job):
+            up = super().fit(job)
+            seen = job.state.get("visits")
+            visits = (seen["n"] if seen is not None else 0) + 1
+            from flwr.app import MetricRecord
+
+            job.state.set("visits", MetricRecord({"n": visits}))
+            extra = {"visits": visits, "noise": float(job.cid)}
+            return ClientUpdate(
+                ArrayRecord(job.model.state_dict()),
+                up.num_examples,
+                up.work,
+                {**up.metrics, **extra},
+            )
+
+    wrapped = []
+
+    def wrap(strategy, *, scenario):
+        wrapped.append(type(strategy).__name__)
+        return strategy
+
+    CLIENTS.register("test_counting", Counting, params=LocalTrainConfig, replace=True)
+    WRAPPERS.register("test_wrap", wrap, replace=True)
+    try:
+        s = scenario(client__name="test_counting", run__clients_per_round=3, run__fed_eval_every=0)
+        rows, driver, _ = run_inline(s)
+    finally:
+        CLIENTS.unregister("test_counting")
+        WRAPPERS.unregister("test_wrap")
+    assert wrapped == ["FedAvg"]
+    r1 = rows[1]
+    assert r1["noise_min"] == min(r1["clients"]) and r1["noise_max"] == max(r1["clients"])
+    assert r1["visits_max"] == 1.0
+    seen = {}
+    for r in rows[1:]:
+        for c in r["clients"]:
+            seen[c] = seen.get(c, 0) + 1
+    assert rows[-1]["visits_max"] == max(seen.values())
+    assert rows[-1]["visits_mean"] == pytest.approx(np.mean(list(seen.values())))
+    assert driver.summary_extra()["clients_final"]["visits"] == {
+        str(c): float(n) for c, n in sorted(seen.items())
+    }
+    assert r1["per_client"][str(r1["clients"][0])]["visits"] == 1.0
