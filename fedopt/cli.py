@@ -124,8 +124,10 @@ def cmd_partitions(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from fedopt.registry import load_builtins
     from fedopt.report import regenerate
 
+    load_builtins()
     summary = regenerate(Path(args.run_dir))
     console.print(f"regenerated {args.run_dir}: final accuracy {summary.get('final_accuracy')}")
     return 0

@@ -6,6 +6,7 @@ A sweep file names a base scenario and the variants to cross::
     base = "quickstart.toml"        # relative to the sweep file
     seeds = [0, 1, 2]
     target_accuracy = 0.9           # optional: rounds / simulated time to reach it
+    columns = ["epsilon_max"]       # optional: extra metrics (final value, mean ± std)
 
     [scenario]                      # merged over the base for every cell
     run.rounds = 15
@@ -40,7 +41,16 @@ from fedopt.tables import CellResult, write_compare
 
 __all__ = ["Sweep", "Variant", "load_sweep", "run_sweep"]
 
-_KEYS = ("name", "base", "seeds", "target_accuracy", "scenario", "strategies", "settings")
+_KEYS = (
+    "name",
+    "base",
+    "seeds",
+    "target_accuracy",
+    "columns",
+    "scenario",
+    "strategies",
+    "settings",
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,7 @@ class Sweep:
     settings: tuple[Variant, ...]
     seeds: tuple[int, ...]
     target: float | None
+    columns: tuple[str, ...] = ()
 
     def cells(self) -> list[tuple[Variant, Variant, int, Scenario]]:
         """Every (strategy, setting, seed, scenario) cell, settings outermost."""
@@ -132,6 +143,9 @@ def load_sweep(path: str | Path, sets: Sequence[str] = ()) -> Sweep:
         isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1
     ):
         raise ConfigError("target_accuracy", target, "a number in (0, 1]")
+    columns = raw.get("columns", [])
+    if not isinstance(columns, list) or not all(isinstance(c, str) and c for c in columns):
+        raise ConfigError("columns", columns, 'a list of metric names, e.g. ["epsilon_max"]')
     name = raw.get("name", path.stem)
     sweep = Sweep(
         name=name,
@@ -140,6 +154,7 @@ def load_sweep(path: str | Path, sets: Sequence[str] = ()) -> Sweep:
         settings=_variants(raw.get("settings"), "settings"),
         seeds=tuple(seeds),
         target=float(target) if target is not None else None,
+        columns=tuple(columns),
     )
     sweep.cells()
     return sweep
@@ -179,7 +194,9 @@ def run_sweep(
             on_cell(i + 1, cell)
 
     run_batch(scenarios, dirs, on_done=done)
-    paths = write_compare(results, out_dir, target=sweep.target, title=sweep.name)
+    paths = write_compare(
+        results, out_dir, target=sweep.target, title=sweep.name, columns=sweep.columns
+    )
     return out_dir, paths
 
 

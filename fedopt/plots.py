@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedopt.registry import PLOTS
 from fedopt.report import accuracy_key, loss_key, series
 
-__all__ = ["COMPARE_AXES", "mean_curve", "plot_compare", "plot_run", "slug"]
+__all__ = ["COMPARE_AXES", "Figure", "mean_curve", "plot_compare", "plot_run", "slug"]
 
 # (row key, axis label, scale applied to the values, interpolate across seeds)
 COMPARE_AXES = (
@@ -63,6 +65,23 @@ def _save(fig: Any, ax: Any, path: Path) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class Figure:
+    """One run figure: ``keys`` (row keys, or ``"accuracy"`` for the run's accuracy) against ``x``.
+
+    Methods register their own with ``fedopt.registry.PLOTS.register(name, Figure(...))``
+    (e.g. accuracy against ε, learning rates against rounds); :func:`plot_run`
+    draws them after the built-in figures whenever their data is present.
+    """
+
+    filename: str
+    x: str
+    xlabel: str
+    ylabel: str
+    keys: tuple[str, ...]
+    x_scale: float = 1.0
+
+
 def plot_run(rows: Sequence[Mapping[str, Any]], out_dir: Path, *, title: str) -> list[Path]:
     """Plot one run's curves into ``out_dir``; a figure whose data is absent is skipped.
 
@@ -89,9 +108,14 @@ def plot_run(rows: Sequence[Mapping[str, Any]], out_dir: Path, *, title: str) ->
         ("accuracy_vs_bytes.png", "cum_bytes", "Cumulative traffic (MB)", 1e-6, "Accuracy",
          acc_only),
     )  # fmt: skip
+    extra = tuple(
+        (f.filename, f.x, f.xlabel, f.x_scale, f.ylabel,
+         tuple(acc or "" if k == "accuracy" else k for k in f.keys))
+        for f in (entry.obj for entry in PLOTS)
+    )  # fmt: skip
     written = []
-    for name, x, xlabel, scale, ylabel, keys in figures:
-        curves = [(k, *series(rows, k, x=x)) for k in keys]
+    for name, x, xlabel, scale, ylabel, keys in figures + extra:
+        curves = [(k, *series(rows, k, x=x)) for k in keys if k]
         curves = [c for c in curves if c[1]]
         if not curves:
             continue

@@ -23,6 +23,7 @@ __all__ = [
     "MODELS",
     "OPTIMIZERS",
     "PARTITIONERS",
+    "PLOTS",
     "SECTIONS",
     "SPEEDS",
     "STRATEGIES",
@@ -133,6 +134,8 @@ SPEEDS: Registry[Callable[..., Any]] = Registry("speed model")
 CLIENTS: Registry[Any] = Registry("client")
 STRATEGIES: Registry[Callable[..., Any]] = Registry("strategy")
 SECTIONS: Registry[Any] = Registry("scenario section")
+#: Extra figures of a run: ``fedopt.plots.Figure`` specs drawn after the built-in ones.
+PLOTS: Registry[Any] = Registry("plot")
 #: ``fn(strategy, *, scenario) -> strategy``: wrap the run's strategy (e.g. server-side DP)
 #: when the scenario asks for it; applied in name order after the strategy is built.
 WRAPPERS: Registry[Callable[..., Any]] = Registry("strategy wrapper")

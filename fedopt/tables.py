@@ -111,14 +111,27 @@ def _std(values: Sequence[Any]) -> float | None:
     return statistics.pstdev(nums) if nums else None
 
 
-def compare_rows(cells: Sequence[CellResult], *, target: float | None) -> list[dict]:
+def final_value(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    """The last value ``key`` took in a run (None when it never appeared)."""
+    for row in reversed(rows):
+        value = row.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def compare_rows(
+    cells: Sequence[CellResult], *, target: float | None, columns: Sequence[str] = ()
+) -> list[dict]:
     """Aggregate seeds per (setting, strategy), in first-seen order.
 
     Each dict has the keys of :data:`COMPARE_COLUMNS`. Means and population
     standard deviations (ddof=0) run over the seeds that have the value;
     ``rounds_to_target_mean`` and ``sim_time_to_target_mean`` over the seeds
     that reached ``target`` (``None`` when none did, or when ``target`` is
-    ``None``, which also makes ``reached`` ``None``).
+    ``None``, which also makes ``reached`` ``None``). For each extra row key in
+    ``columns`` (e.g. ``epsilon_max``), ``<key>_mean`` and ``<key>_std`` of its
+    final value over the seeds.
 
     Raises
     ------
@@ -158,6 +171,10 @@ def compare_rows(cells: Sequence[CellResult], *, target: float | None) -> list[d
                 "sim_time_mean": _mean([s.get("sim_time") for s in sums]),
             }
         )
+        for key in columns:
+            finals_k = [final_value(c.rows, key) for c in group]
+            out[-1][f"{key}_mean"] = _mean(finals_k)
+            out[-1][f"{key}_std"] = _std(finals_k)
     return out
 
 
@@ -175,7 +192,7 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|")
 
 
-def format_markdown(rows: list[dict], *, target: float | None) -> str:
+def format_markdown(rows: list[dict], *, target: float | None, columns: Sequence[str] = ()) -> str:
     """Render :func:`compare_rows` output as a Markdown table.
 
     Columns: setting, strategy, final acc and best acc (``mean ± std``, 3
@@ -189,6 +206,7 @@ def format_markdown(rows: list[dict], *, target: float | None) -> str:
         pct = f"{target * 100:g}%"
         header += [f"rounds to {pct}", f"sim time to {pct}"]
     header.append("MB")
+    header += list(columns)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [
@@ -202,12 +220,18 @@ def format_markdown(rows: list[dict], *, target: float | None) -> str:
             cells.append(_reach(r["sim_time_to_target_mean"], r["reached"], r["seeds"]))
         mb = r["bytes_total_mean"]
         cells.append(_DASH if mb is None else f"{mb / 1e6:.2f}")
+        cells += [_pm(r.get(f"{k}_mean"), r.get(f"{k}_std")) for k in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_compare(
-    cells: Sequence[CellResult], out_dir: Path, *, target: float | None, title: str
+    cells: Sequence[CellResult],
+    out_dir: Path,
+    *,
+    target: float | None,
+    title: str,
+    columns: Sequence[str] = (),
 ) -> dict[str, Path | list[Path]]:
     """Write ``comparison.md``, ``comparison.csv`` and overlay plots into ``out_dir``.
 
@@ -218,18 +242,19 @@ def write_compare(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = compare_rows(cells, target=target)
+    table = compare_rows(cells, target=target, columns=columns)
+    names = (*COMPARE_COLUMNS, *(f"{k}_{m}" for k in columns for m in ("mean", "std")))
     curves: dict[str, dict[str, list]] = {}
     for cell in cells:
         curves.setdefault(cell.setting, {}).setdefault(cell.strategy, []).append(list(cell.rows))
     pngs = plots.plot_compare(curves, out_dir, title=title)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COMPARE_COLUMNS)
+    writer.writerow(names)
     for row in table:
-        writer.writerow(["" if (v := jsonable(row[c])) is None else v for c in COMPARE_COLUMNS])
+        writer.writerow(["" if (v := jsonable(row[c])) is None else v for c in names])
     csv_path = write_text_atomic(out_dir / "comparison.csv", buf.getvalue())
     links = "".join(f"![{p.stem}]({p.name})\n\n" for p in pngs)
-    text = f"# {title}\n\n{format_markdown(table, target=target)}\n{links}"
+    text = f"# {title}\n\n{format_markdown(table, target=target, columns=columns)}\n{links}"
     md_path = write_text_atomic(out_dir / "comparison.md", text.rstrip("\n") + "\n")
     return {"markdown": md_path, "csv": csv_path, "plots": pngs}

@@ -69,3 +69,31 @@ def test_overrides_apply_to_every_cell(tmp_path):
     s = load_sweep(sweep(tmp_path, "seeds = [0, 1]\n"), ["run.rounds=2"])
     assert [c[3].run.rounds for c in s.cells()] == [2, 2]
     assert [c[3].run.seed for c in s.cells()] == [0, 1]
+
+
+def test_extra_columns_and_registered_figures(tmp_path):
+    from fedopt.plots import Figure, plot_run
+    from fedopt.registry import PLOTS
+    from fedopt.tables import CellResult, compare_rows, format_markdown
+
+    def rows(e):
+        return (
+            {"round": 0, "central_accuracy": 0.1},
+            {"round": 1, "central_accuracy": 0.8, "eps": e},
+        )
+
+    cells = [CellResult("s", "x", seed, rows(e), {}) for seed, e in ((0, 1.0), (1, 3.0))]
+    table = compare_rows(cells, target=None, columns=["eps"])
+    assert table[0]["eps_mean"] == 2.0 and table[0]["eps_std"] == 1.0
+    assert "| eps |" in format_markdown(table, target=None, columns=["eps"])
+    assert "2.000 ± 1.000" in format_markdown(table, target=None, columns=["eps"])
+    PLOTS.register(
+        "test_fig", Figure("acc_vs_eps.png", "eps", "eps", "Accuracy", ("accuracy",)), replace=True
+    )
+    try:
+        written = plot_run(list(rows(1.0)), tmp_path, title="t")
+    finally:
+        PLOTS.unregister("test_fig")
+    assert tmp_path / "acc_vs_eps.png" in written
+    with pytest.raises(ConfigError):
+        load_sweep(sweep(tmp_path, "columns = 3\n"))
