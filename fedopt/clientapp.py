@@ -10,6 +10,7 @@ object that Flower ships to each worker.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,7 +22,7 @@ from flwr.clientapp import ClientApp
 from fedopt.client import ClientJob, ClientState
 from fedopt.config import Scenario, parse_scenario
 from fedopt.records import RUN_KEY
-from fedopt.registry import CLIENTS
+from fedopt.registry import CLIENT_MODS, CLIENTS
 from fedopt.task import Task, as_tensors, build_task, derive_seed
 from fedopt.training import evaluate
 
@@ -64,6 +65,7 @@ class ClientRuntime:
         self.model = self.task.new_model().to(self.device)
         entry = CLIENTS.get(scenario.client.name, key="client.name")
         self.algorithm = entry.obj(scenario.client.params, scenario=scenario)
+        self.mods = [m for e in CLIENT_MODS for m in e.obj(scenario)]
         self._tensors: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def tensors(self, cid: int) -> tuple[torch.Tensor, ...]:
@@ -167,6 +169,28 @@ class _RuntimeHolder:
         return _RESIDENT.get(self._resolve(context), msg)
 
 
+def _call_mod(mod: Any, call_next: Any, msg: Message, context: Context) -> Message:
+    return mod(msg, context, call_next)
+
+
+def _scenario_mods(holder: _RuntimeHolder) -> Any:
+    """One Flower mod that applies the mods the message's own scenario asks for.
+
+    Mods are per ClientApp in Flower, but the runs of a sweep share one app and
+    may differ (one with client-side DP clipping, one without), so the run's
+    mods are looked up in :data:`~fedopt.registry.CLIENT_MODS` per message.
+    """
+
+    def mod(msg: Message, context: Context, call_next: Any) -> Message:
+        runtime = holder.get(msg, context)
+        chain = call_next
+        for inner in reversed(runtime.mods):
+            chain = functools.partial(_call_mod, inner, chain)
+        return chain(msg, context)
+
+    return mod
+
+
 def make_client_app(resolve: Resolver) -> ClientApp:
     """A ClientApp whose runs come from ``resolve(context)``: ``{run key: scenario mapping}``.
 
@@ -174,7 +198,7 @@ def make_client_app(resolve: Resolver) -> ClientApp:
     key may be omitted (as under ``flwr run``).
     """
     holder = _RuntimeHolder(resolve)
-    app = ClientApp()
+    app = ClientApp(mods=[_scenario_mods(holder)])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

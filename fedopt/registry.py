@@ -19,6 +19,7 @@ from fedopt.errors import ConfigError, did_you_mean
 
 __all__ = [
     "CLIENTS",
+    "CLIENT_MODS",
     "DATASETS",
     "MODELS",
     "OPTIMIZERS",
@@ -134,6 +135,9 @@ SPEEDS: Registry[Callable[..., Any]] = Registry("speed model")
 CLIENTS: Registry[Any] = Registry("client")
 STRATEGIES: Registry[Callable[..., Any]] = Registry("strategy")
 SECTIONS: Registry[Any] = Registry("scenario section")
+#: ``fn(scenario) -> list of Flower client mods`` for runs whose scenario asks for them
+#: (e.g. client-side DP clipping); applied in name order around the ClientApp handlers.
+CLIENT_MODS: Registry[Callable[..., Any]] = Registry("client mod")
 #: Extra figures of a run: ``fedopt.plots.Figure`` specs drawn after the built-in ones.
 PLOTS: Registry[Any] = Registry("plot")
 #: ``fn(strategy, *, scenario) -> strategy``: wrap the run's strategy (e.g. server-side DP)

@@ -136,3 +136,41 @@ def test_contract_every_client_trains_on_its_own_data(name):
     assert not reply.has_error()
     m = reply.content["metrics"]
     assert m["num-examples"] == len(task.client_data(1)[0]) and m["work"] > 0
+
+
+def test_local_lr_in_round_config_overrides_the_scenario_rate(setup):
+    _, task, app = setup
+    base = app(message(task, 0), context()).content["arrays"].to_numpy_ndarrays()
+    same = (
+        app(message(task, 0, **{"local-lr": 0.1}), context()).content["arrays"].to_numpy_ndarrays()
+    )
+    other = (
+        app(message(task, 0, **{"local-lr": 0.01}), context()).content["arrays"].to_numpy_ndarrays()
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(base, same, strict=True))
+    assert any(not np.array_equal(a, b) for a, b in zip(base, other, strict=True))
+
+
+def test_registered_client_mods_wrap_the_handlers(setup):
+    from fedopt.registry import CLIENT_MODS
+
+    _, task, _ = setup
+    calls = []
+
+    def tag(msg, ctx, call_next):
+        calls.append(msg.metadata.message_type)
+        return call_next(msg, ctx)
+
+    CLIENT_MODS.register("test_tag", lambda scenario: [tag] if scenario.name == "clients" else [])
+    try:
+        raw2 = {**RAW, "name": "other"}
+        app = make_client_app(lambda ctx: {"a": RAW, "b": raw2})
+        msg = message(task, 0)
+        msg.content["config"]["run-key"] = "a"
+        app(msg, context())
+        msg = message(task, 0)
+        msg.content["config"]["run-key"] = "b"
+        app(msg, context())
+    finally:
+        CLIENT_MODS.unregister("test_tag")
+    assert calls == ["train"]

@@ -133,6 +133,7 @@ def test_flwr_run_dot_runs_the_default_scenario_offline(tmp_path):
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_DISABLE_UPDATE_CHECK="1",
         RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     flwr = str(Path(sys.executable).parent / "flwr")
     out = tmp_path / "out"
