@@ -25,7 +25,7 @@ def test_shipped_heterogeneity_sweep_has_27_valid_cells():
     labels = {(a.label, b.label, seed) for a, b, seed, _ in cells}
     assert ("fedprox", "alpha=0.05", 2) in labels
     sc = next(c[3] for c in cells if c[0].label == "fedadam" and c[1].label == "alpha=100")
-    assert sc.partition.params.alpha == 100.0 and sc.strategy.params.eta == 0.01
+    assert sc.partition.params.alpha == 100.0 and sc.strategy.params.eta == 0.1
     assert sc.run.rounds == 20 and sc.name == "heterogeneity"
 
 
