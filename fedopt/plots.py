@@ -88,7 +88,9 @@ def plot_run(rows: Sequence[Mapping[str, Any]], out_dir: Path, *, title: str) ->
     Writes ``accuracy_vs_round.png`` (central, federated and worst-10% federated
     accuracy), ``loss_vs_round.png`` (train, central and federated loss),
     ``accuracy_vs_sim_time.png`` and ``accuracy_vs_bytes.png`` (x in MB,
-    10^6 bytes of cumulative traffic).
+    10^6 bytes of cumulative traffic), ``loss_vs_sim_time.png`` and
+    ``loss_vs_bytes.png`` (train loss and the evaluation loss that matches the
+    accuracy), then every figure registered in :data:`fedopt.registry.PLOTS`.
 
     Returns
     -------
@@ -99,6 +101,8 @@ def plot_run(rows: Sequence[Mapping[str, Any]], out_dir: Path, *, title: str) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     acc = accuracy_key(rows)
     acc_only = (acc,) if acc else ()
+    loss = loss_key(rows)
+    loss_only = (loss,) if loss else ()
     figures = (
         ("accuracy_vs_round.png", "round", "Round", 1.0, "Accuracy",
          ("central_accuracy", "fed_accuracy", "fed_accuracy_worst10")),
@@ -107,6 +111,10 @@ def plot_run(rows: Sequence[Mapping[str, Any]], out_dir: Path, *, title: str) ->
         ("accuracy_vs_sim_time.png", "sim_time", "Simulated time (s)", 1.0, "Accuracy", acc_only),
         ("accuracy_vs_bytes.png", "cum_bytes", "Cumulative traffic (MB)", 1e-6, "Accuracy",
          acc_only),
+        ("loss_vs_sim_time.png", "sim_time", "Simulated time (s)", 1.0, "Loss",
+         ("train_loss", *loss_only)),
+        ("loss_vs_bytes.png", "cum_bytes", "Cumulative traffic (MB)", 1e-6, "Loss",
+         ("train_loss", *loss_only)),
     )  # fmt: skip
     extra = tuple(
         (f.filename, f.x, f.xlabel, f.x_scale, f.ylabel,

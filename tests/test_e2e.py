@@ -40,6 +40,8 @@ def test_tiny_quickstart_writes_a_complete_run_directory(tmp_path):
         "loss_vs_round.png",
         "accuracy_vs_sim_time.png",
         "accuracy_vs_bytes.png",
+        "loss_vs_sim_time.png",
+        "loss_vs_bytes.png",
     ):
         assert (d / name).stat().st_size > 0, name
     assert d.parent.name == "quickstart" and d.parent.parent == tmp_path.resolve()

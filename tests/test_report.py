@@ -18,6 +18,8 @@ RUN_PNGS = [
     "loss_vs_round.png",
     "accuracy_vs_sim_time.png",
     "accuracy_vs_bytes.png",
+    "loss_vs_sim_time.png",
+    "loss_vs_bytes.png",
 ]
 
 
