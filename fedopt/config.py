@@ -203,7 +203,13 @@ class Scenario:
         out: dict[str, Any] = {"name": self.name}
         for section in _SPECS:
             value = getattr(self, section)
-            plain = to_plain({k: v for k, v in dataclasses.asdict(value).items() if k != "params"})
+            plain = to_plain(
+                {
+                    f.name: getattr(value, f.name)
+                    for f in dataclasses.fields(value)
+                    if f.name != "params"
+                }
+            )
             plain.update(to_plain(getattr(value, "params", None)) or {})
             out[section] = plain
         for key, value in self.extras.items():
@@ -317,6 +323,10 @@ def _cross_check(s: Scenario) -> None:
     )
     if check_strategy is not None:
         check_strategy(s)
+    for key in s.extras:  # registered sections may check the scenario around them too
+        check_section = getattr(reg.SECTIONS.get(key).obj, "check_scenario", None)
+        if check_section is not None:
+            check_section(s)
 
 
 def _parse_value(text: str) -> Any:

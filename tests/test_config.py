@@ -162,6 +162,9 @@ def test_replace_revalidates():
 def test_custom_model_params_pass_through():
     s = parse_scenario(base(model={"name": "my.models:net", "width": 7}))
     assert dict(s.model.params) == {"width": 7}
+    assert s.to_dict()["model"] == {"name": "my.models:net", "width": 7}
+    assert parse_scenario(s.to_dict()) == s
+    assert len(s.fingerprint()) == 12
 
 
 def test_registered_section_is_validated():

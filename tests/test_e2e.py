@@ -172,3 +172,26 @@ def test_flwr_run_dot_runs_the_default_scenario_offline(tmp_path):
             except (ProcessLookupError, ValueError):
                 pass
         time.sleep(1)
+
+
+def test_custom_model_from_a_user_module_runs_on_ray(tmp_path, monkeypatch):
+    from fedopt.config import parse_scenario, read_toml
+
+    (tmp_path / "usermodels.py").write_text(
+        "from torch import nn\n"
+        "def tiny(input_shape, num_classes, *, width=8):\n"
+        "    n = 1\n"
+        "    for d in input_shape:\n"
+        "        n *= d\n"
+        "    head = nn.Linear(width, num_classes)\n"
+        "    layers = [nn.Flatten(), nn.Linear(n, width), nn.Tanh(), head]\n"
+        "    return nn.Sequential(*layers)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    raw = read_toml(QUICK)
+    raw["model"] = {"name": "usermodels:tiny", "width": 12}
+    raw["run"].update(rounds=2, fed_eval_every=0)
+    result = run(parse_scenario(raw), out=tmp_path / "runs")
+    assert result.summary["status"] == "completed"
+    assert load_scenario(result.run_dir / "scenario.toml").model.params["width"] == 12
+    assert result.rows[-1]["central_accuracy"] > result.rows[0]["central_accuracy"]
