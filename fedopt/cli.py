@@ -1,4 +1,4 @@
-"""The ``fedopt`` command line: run, compare, partitions, report, list, reference.
+"""The ``fedopt`` command line: run, compare, partitions, report, list, privacy, reference.
 
 Bad input (a ConfigError) prints one line naming the key, the value and what
 is allowed, and exits with status 2, without a traceback. A run that fails
@@ -158,6 +158,12 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_privacy(args: argparse.Namespace, console: Console) -> int:
+    from fedopt.privacy.cli import privacy_command
+
+    return privacy_command(args, console)
+
+
 def cmd_reference(args: argparse.Namespace, console: Console) -> int:
     from fedopt.docs import scenario_reference
 
@@ -203,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list registered datasets, models, clients, strategies")
     ls.set_defaults(fn=cmd_list)
 
+    pv = sub.add_parser("privacy", help="ε of a DP-SGD plan by every accountant, or σ for a target")
+    pv.add_argument("--sigma", type=float, default=None, help="noise multiplier σ")
+    pv.add_argument("--target-epsilon", type=float, default=None, help="calibrate σ for this ε")
+    pv.add_argument("--q", type=float, required=True, help="Poisson sampling rate of a step")
+    pv.add_argument("--steps", type=int, required=True, help="number of noisy steps")
+    pv.add_argument("--delta", type=float, default=1e-5, help="δ (default 1e-5)")
+    pv.add_argument("--accountant", action="append", default=[], help="only these (repeatable)")
+    pv.set_defaults(fn=cmd_privacy)
+
     ref = sub.add_parser("reference", help="print the scenario reference (every key) as Markdown")
     ref.set_defaults(fn=cmd_reference)
     return p
@@ -216,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.fn(args, console))
     except ConfigError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         return 2
     except FedoptError as e:
         err.print(f"[red]run failed:[/red] {e}", highlight=False)

@@ -18,6 +18,7 @@ from torch import nn
 from fedopt.config import Scenario
 from fedopt.data import Dataset, TaskData, load_task_data, partition_clients, split_client
 from fedopt.models import build_model
+from fedopt.registry import CLIENTS
 
 __all__ = ["Task", "build_task", "derive_seed"]
 
@@ -65,13 +66,17 @@ class Task:
     def new_model(self) -> nn.Module:
         """A freshly initialised model (same weights for the same seed, everywhere)."""
         m = self.scenario.model
-        return build_model(
+        model = build_model(
             m.name,
             m.params,
             input_shape=self.input_shape,
             num_classes=self.num_classes,
             seed=self.scenario.run.seed,
         )
+        # A local optimizer may check or adapt the model every party uses (e.g. DP-SGD).
+        client = CLIENTS.get(self.scenario.client.name, key="client.name").obj
+        prepare = getattr(client, "prepare_model", None)
+        return model if prepare is None else prepare(model, params=self.scenario.client.params)
 
 
 def build_task(scenario: Scenario) -> Task:

@@ -1,0 +1,179 @@
+"""Sample-level DP-SGD settings, each client's step plan, and its persistent privacy ledger.
+
+Both halves of DP-SGD read these: the client (``clients/dpsgd.py``) trains
+and accounts with them, the server-side report (``strategies/dp.py``) records
+the plan in the summary. A client's ledger is a plain ConfigRecord in its
+``Context.state``: the rounds it joined and, per round, σ, q and the noisy
+steps it actually took, which is everything a third party needs to recompute
+its ε with Opacus or dp-accounting.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ConfigRecord
+
+from fedopt.params import check
+from fedopt.privacy.accountants import Accountant, check_accountant_name, make_accountant
+from fedopt.training import LocalTrainConfig
+
+__all__ = ["DPSGDParams", "Ledger", "local_plan", "planned_participations"]
+
+
+@dataclass(frozen=True)
+class DPSGDParams(LocalTrainConfig):
+    """DP-SGD (Abadi et al. 2016) local training: Opacus clipping, noise and accounting.
+
+    Attributes
+    ----------
+    max_grad_norm : float
+        Per-sample clipping bound C (required: DP-SGD always clips).
+    noise_multiplier : float or None
+        σ; omitted means: calibrate it per client for ``target_epsilon``.
+    target_epsilon : float
+        The per-client budget (default 8). With σ omitted, σ is calibrated so
+        that the planned worst-case participation spends at most this; with σ
+        given, it is a cap. A client whose next round would pass it stops
+        training. Not used when ``non_private`` is set.
+    delta : float
+        δ of every reported ε.
+    accountant : str
+        A registered accountant (``rdp``, ``prv``, ``gdp``, ``pld``).
+    max_participations : int or None
+        The plan: rounds a client may train in (default: every round, the
+        worst case of ``run.rounds``). Calibration assumes this many
+        participations of the local steps each.
+    max_physical_batch_size : int or None
+        Split each Poisson batch into physical batches of at most this size
+        (Opacus's ``BatchMemoryManager``); one logical step still counts once.
+    fix_model : bool
+        Let Opacus's ``ModuleValidator.fix`` replace layers it cannot train
+        (BatchNorm -> GroupNorm) in the model everywhere (server and clients).
+    non_private : bool
+        Explicit opt-in to σ = 0: clipping and Poisson sampling without noise,
+        and no ε (the run is not private).
+    """
+
+    max_grad_norm: float | None = 1.0
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = 8.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    max_participations: int | None = None
+    max_physical_batch_size: int | None = None
+    fix_model: bool = False
+    non_private: bool = False
+
+    def __post_init__(self) -> None:
+        c = self.max_grad_norm
+        check(
+            c is not None and 0.0 < c < math.inf,
+            "max_grad_norm",
+            c,
+            "a finite number > 0: the per-sample clipping bound C",
+        )
+        super().__post_init__()
+        sigma, target = self.noise_multiplier, self.target_epsilon
+        check(
+            sigma is None or 0.0 <= sigma < math.inf,
+            "noise_multiplier",
+            sigma,
+            "a finite number >= 0, or omitted to calibrate it for target_epsilon",
+        )
+        check(
+            target is None or 0.0 < target < math.inf,
+            "target_epsilon",
+            target,
+            "a finite number > 0, or omitted",
+        )
+        check(0.0 < self.delta < 1.0, "delta", self.delta, "a probability 0 < δ < 1")
+        check_accountant_name(self.accountant)
+        mp = self.max_participations
+        check(mp is None or mp >= 1, "max_participations", mp, "an integer >= 1 or omitted")
+        pb = self.max_physical_batch_size
+        check(pb is None or pb >= 1, "max_physical_batch_size", pb, "an integer >= 1 or omitted")
+        if self.non_private:
+            check(not sigma, "noise_multiplier", sigma, "omitted or 0 when non_private = true")
+            return
+        check(
+            sigma is None or sigma > 0.0,
+            "noise_multiplier",
+            sigma,
+            "a number > 0 (σ = 0 is not private: set non_private = true to run without noise)",
+        )
+        check(
+            sigma is not None or target is not None,
+            "target_epsilon",
+            None,
+            "a budget ε > 0, or give noise_multiplier (or set non_private = true)",
+        )
+
+
+def local_plan(params: DPSGDParams, num_examples: int) -> tuple[float, int]:
+    """(q, τ): a client's Poisson rate and its logical steps per round.
+
+    As Opacus's ``DPDataLoader``: q = 1 / ceil(n / batch_size), one pass is
+    ceil(n / batch_size) steps; τ is ``steps`` when set, else epochs passes.
+    """
+    per_pass = max(1, math.ceil(num_examples / params.batch_size))
+    tau = params.steps if params.steps is not None else params.epochs * per_pass
+    return 1.0 / per_pass, int(tau)
+
+
+def planned_participations(params: DPSGDParams, rounds: int) -> int:
+    """The participations calibration plans for: the cap, or every round."""
+    return min(params.max_participations or rounds, rounds)
+
+
+class Ledger:
+    """One client's privacy history, stored as a ConfigRecord in its ``Context.state``.
+
+    Parameters
+    ----------
+    record : ConfigRecord or None
+        A stored ledger, or None for a client that never trained.
+    """
+
+    NAME = "dp-ledger"
+
+    def __init__(self, record: ConfigRecord | None = None) -> None:
+        rec: Any = record or {}
+        self.sigma: float | None = float(rec["sigma"]) if "sigma" in rec else None
+        self.rounds: list[int] = [int(v) for v in rec.get("rounds", [])]
+        self.noise: list[float] = [float(v) for v in rec.get("noise", [])]
+        self.rates: list[float] = [float(v) for v in rec.get("rates", [])]
+        self.steps: list[int] = [int(v) for v in rec.get("steps", [])]
+
+    def record(
+        self, *, server_round: int, noise_multiplier: float, rate: float, steps: int
+    ) -> None:
+        """Add one participation."""
+        self.rounds.append(int(server_round))
+        self.noise.append(float(noise_multiplier))
+        self.rates.append(float(rate))
+        self.steps.append(int(steps))
+
+    @property
+    def total_steps(self) -> int:
+        """Noisy steps over every participation."""
+        return sum(self.steps)
+
+    def history(self) -> list[tuple[float, float, int]]:
+        """``(σ, q, steps)`` per participation."""
+        return list(zip(self.noise, self.rates, self.steps, strict=True))
+
+    def accountant(self, name: str) -> Accountant:
+        """A ``name`` accountant holding this whole history."""
+        return make_accountant(name, history=[h for h in self.history() if h[2] > 0])
+
+    def to_record(self) -> ConfigRecord:
+        """The ledger as a ConfigRecord (lists of plain numbers)."""
+        rec: dict[str, Any] = {}
+        if self.sigma is not None:
+            rec["sigma"] = float(self.sigma)
+        if self.rounds:
+            rec.update(rounds=self.rounds, noise=self.noise, rates=self.rates, steps=self.steps)
+        return ConfigRecord(rec)
