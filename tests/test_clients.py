@@ -128,7 +128,8 @@ def test_client_state_is_namespaced_per_run_and_client():
 @pytest.mark.parametrize("name", CLIENTS.names())
 def test_contract_every_client_trains_on_its_own_data(name):
     set_task_identity()
-    raw = {**RAW, "client": {"name": name}}
+    requires = getattr(CLIENTS.get(name).obj, "requires", {})  # its paired strategy, if any
+    raw = {**RAW, **requires, "client": {"name": name}}
     scenario = parse_scenario(raw)
     task = build_task(scenario)
     app = make_client_app(lambda ctx: {"": raw})

@@ -23,7 +23,8 @@ class MockGrid:
 
 
 def strategy(name, **params):
-    s = parse_scenario({"strategy": {"name": name, **params}})
+    requires = getattr(STRATEGIES.get(name).obj, "requires", {})  # its paired client, if any
+    s = parse_scenario({**requires, "strategy": {"name": name, **params}})
     return STRATEGIES.get(name).obj(s.strategy.params, scenario=s)
 
 
