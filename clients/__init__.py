@@ -4,4 +4,9 @@ Importing this package registers every built-in local optimizer in
 :data:`fedopt.registry.CLIENTS`.
 """
 
-from clients import sgd  # noqa: F401  (registers "sgd")
+from clients import (  # noqa: F401  (each import registers its clients)
+    decentralized,
+    dpsgd,
+    fedhyper,
+    sgd,
+)

@@ -1,7 +1,14 @@
 """Server halves of fedopt's methods: Flower strategies registered by name.
 
 Importing this package registers every built-in strategy in
-:data:`fedopt.registry.STRATEGIES`.
+:data:`fedopt.registry.STRATEGIES` (and the privacy wrappers, sections and client mods of
+``strategies.dp``).
 """
 
-from strategies import flower  # noqa: F401  (registers the FedAvg family)
+from strategies import (  # noqa: F401  (each import registers its strategies)
+    decentralized,
+    dp,
+    fedfix,
+    fedhyper,
+    flower,
+)
