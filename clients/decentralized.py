@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
@@ -16,7 +14,7 @@ from fedopt import topology as tp
 from fedopt.client import ClientAlgorithm, ClientJob, ClientUpdate
 from fedopt.errors import ConfigError
 from fedopt.registry import CLIENTS, OPTIMIZERS
-from fedopt.training import LocalTrainConfig, get_weights, load_weights_
+from fedopt.training import LocalTrainConfig, get_weights, load_weights_, train_local
 
 __all__ = [
     "DecentralizedClient",
@@ -107,18 +105,6 @@ def recalibrate_batchnorm(
     return stats, batches
 
 
-def _index_batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
-    """``steps`` index batches, a fresh permutation per pass (as ``fedopt.training``)."""
-    done = 0
-    while done < steps:
-        perm = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
-            if done == steps:
-                return
-            yield perm[start : start + batch_size]
-            done += 1
-
-
 class DecentralizedClient(ClientAlgorithm):
     """A gossip node of decentralized SGD with a single global merge (Zhu et al. 2025).
 
@@ -191,38 +177,18 @@ class DecentralizedClient(ClientAlgorithm):
         saved = job.state.get(OPTIMIZER_RECORD)
         if saved is not None:
             load_optimizer_record(optimizer, saved)
-        steps = cfg.steps if cfg.steps is not None else cfg.epochs * math.ceil(n / cfg.batch_size)
-        loss_sum, correct, seen, taken = 0.0, 0, 0, 0
-        model.train()
-        for idx in _index_batches(n, cfg.batch_size, steps if n else 0, job.generator):
-            idx = idx.to(x.device)
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(x[idx])
-            loss = F.cross_entropy(logits, y[idx])
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                loss_sum = math.nan
-                break
-            loss.backward()
-            if cfg.max_grad_norm is not None:
-                nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            optimizer.step()
-            loss_sum += value * len(idx)
-            correct += int((logits.detach().argmax(dim=1) == y[idx]).sum())
-            seen += len(idx)
-            taken += 1
-        optimizer.zero_grad(set_to_none=True)
+        res = train_local(model, x, y, cfg, generator=job.generator, optimizer=optimizer)
         job.state.set(MODEL_RECORD, ArrayRecord(model.state_dict()))
         job.state.set(OPTIMIZER_RECORD, optimizer_record(optimizer))
         report = bool(job.config.get(tp.REPORT_KEY, 1))
         return ClientUpdate(
             arrays=ArrayRecord(model.state_dict()) if report else ArrayRecord(),
             num_examples=n,
-            work=float(seen),
+            work=float(res.examples_processed),
             metrics={
-                "train_loss": loss_sum / seen if seen else math.nan,
-                "train_accuracy": correct / seen if seen else math.nan,
-                "steps": taken,
+                "train_loss": res.loss,
+                "train_accuracy": res.accuracy,
+                "steps": res.steps,
                 "peers": peers,
                 tp.MERGE_WEIGHT_KEY: 1.0,
             },

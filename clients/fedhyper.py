@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from flwr.app import ArrayRecord
 from torch import nn
 
@@ -16,25 +13,13 @@ from fedopt import hypergrad as hg
 from fedopt.client import ClientAlgorithm, ClientJob, ClientUpdate
 from fedopt.errors import ConfigError
 from fedopt.registry import CLIENTS
-from fedopt.training import LocalTrainConfig
+from fedopt.training import LocalTrainConfig, train_local
 
 __all__ = ["FedHyperClient"]
 
 
 def _flat(params: list[nn.Parameter]) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
-
-
-def _index_batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator:
-    """``steps`` index batches, a fresh permutation per pass (as ``fedopt.training``)."""
-    done = 0
-    while done < steps:
-        perm = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
-            if done == steps:
-                return
-            yield perm[start : start + batch_size]
-            done += 1
 
 
 class FedHyperClient(ClientAlgorithm):
@@ -72,8 +57,7 @@ class FedHyperClient(ClientAlgorithm):
     def fit(self, job: ClientJob) -> ClientUpdate:
         cfg: LocalTrainConfig = round_config(self.params, job.config)
         c = job.config
-        model, x, y = job.model, job.x, job.y.long()
-        n = len(x)
+        model = job.model
         trainable = [p for p in model.parameters() if p.requires_grad]
         names = [k for k, p in model.named_parameters() if p.requires_grad]
         prev_record = job.content.get(hg.PREV_UPDATE_KEY)
@@ -87,51 +71,48 @@ class FedHyperClient(ClientAlgorithm):
         optimizer = torch.optim.SGD(
             trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-        steps = cfg.steps if cfg.steps is not None else cfg.epochs * math.ceil(n / cfg.batch_size)
-        factor, prev_step, rates = 1.0, delta, []
-        loss_sum, correct, seen = 0.0, 0, 0
-        model.train()
-        for k, idx in enumerate(_index_batches(n, cfg.batch_size, steps, job.generator), start=1):
-            idx = idx.to(x.device)
+        rates: list[float] = []
+        track = {"factor": 1.0, "prev_step": delta, "before": delta}
+
+        def before_step(k: int) -> None:
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * factor
-            rates.append(cfg.lr * factor)
-            before = _flat(trainable)
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(x[idx])
-            loss = F.cross_entropy(logits, y[idx])
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                loss_sum = math.nan
-                break
-            loss.backward()
-            if cfg.max_grad_norm is not None:
-                nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            optimizer.step()
-            loss_sum += value * len(idx)
-            correct += int((logits.detach().argmax(dim=1) == y[idx]).sum())
-            seen += len(idx)
-            if k >= 2:
-                step = _flat(trainable) - before
-                factor = hg.client_rate_factor(
-                    factor,
-                    dot_global=hg.dot(step, delta),
-                    dot_prev=hg.dot(step, prev_step),
-                    clients=clients,
-                    x_scale=float(c.get(hg.X_SCALE_KEY, 0.1)),
-                    gamma_max=float(c.get(hg.GAMMA_MAX_KEY, 1.1)),
-                    low=float(c.get(hg.LOW_KEY, 0.1)),
-                    high=float(c.get(hg.HIGH_KEY, 10.0)),
-                )
-                prev_step = step
-        optimizer.zero_grad(set_to_none=True)
+                group["lr"] = cfg.lr * track["factor"]
+            rates.append(cfg.lr * track["factor"])
+            track["before"] = _flat(trainable)
+
+        def after_step(k: int) -> None:
+            if k < 2:
+                return
+            step = _flat(trainable) - track["before"]
+            track["factor"] = hg.client_rate_factor(
+                track["factor"],
+                dot_global=hg.dot(step, delta),
+                dot_prev=hg.dot(step, track["prev_step"]),
+                clients=clients,
+                x_scale=float(c.get(hg.X_SCALE_KEY, 0.1)),
+                gamma_max=float(c.get(hg.GAMMA_MAX_KEY, 1.1)),
+                low=float(c.get(hg.LOW_KEY, 0.1)),
+                high=float(c.get(hg.HIGH_KEY, 10.0)),
+            )
+            track["prev_step"] = step
+
+        res = train_local(
+            model,
+            job.x,
+            job.y,
+            cfg,
+            generator=job.generator,
+            optimizer=optimizer,
+            before_step=before_step,
+            after_step=after_step,
+        )
         return ClientUpdate(
             arrays=ArrayRecord(model.state_dict()),
-            num_examples=n,
-            work=float(seen),
+            num_examples=res.num_examples,
+            work=float(res.examples_processed),
             metrics={
-                "train_loss": loss_sum / seen if seen else math.nan,
-                "train_accuracy": correct / seen if seen else math.nan,
+                "train_loss": res.loss,
+                "train_accuracy": res.accuracy,
                 "lr_client": rates[-1] if rates else cfg.lr,
                 "lr_client_avg": sum(rates) / len(rates) if rates else cfg.lr,
                 "steps": len(rates),

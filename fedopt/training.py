@@ -10,7 +10,7 @@ in-place copy), call :func:`train_local` with the client's own
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,8 +165,16 @@ def train_local(
     *,
     generator: torch.Generator,
     proximal_mu: float = 0.0,
+    optimizer: torch.optim.Optimizer | None = None,
+    before_step: Callable[[int], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``(x, y)`` with cross-entropy and a fresh optimizer.
+
+    The one minibatch loop of every SGD-style local optimizer: methods that
+    keep their optimizer across rounds pass it in, and methods that steer each
+    step (a per-step learning rate, a statistic of the step taken) do so from
+    the step hooks, so batching, divergence checks and bookkeeping stay shared.
 
     Parameters
     ----------
@@ -181,6 +189,11 @@ def train_local(
     proximal_mu : float
         If > 0, adds ``(mu / 2) * sum ||w - w0||^2`` over the trainable
         parameters, ``w0`` being their values at the start of the call (FedProx).
+    optimizer : torch.optim.Optimizer, optional
+        Use this optimizer (and its state) instead of a fresh one from ``cfg``.
+    before_step, after_step : callable, optional
+        Called with the 1-based step number before the step's forward pass and
+        after its optimizer step.
 
     Returns
     -------
@@ -202,7 +215,8 @@ def train_local(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
-    optimizer = OPTIMIZERS.get(cfg.optimizer, key="optimizer").obj(trainable, cfg)
+    if optimizer is None:
+        optimizer = OPTIMIZERS.get(cfg.optimizer, key="optimizer").obj(trainable, cfg)
     anchors = [p.detach().clone() for p in trainable] if proximal_mu > 0 else []
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * math.ceil(n / cfg.batch_size)
 
@@ -214,6 +228,8 @@ def train_local(
     diverged = False
     try:
         for idx in _batches(n, cfg.batch_size, total_steps, generator, x.device):
+            if before_step is not None:
+                before_step(steps + 1)
             xb, yb = x[idx], y[idx]
             optimizer.zero_grad(set_to_none=True)
             logits = model(xb)
@@ -230,6 +246,8 @@ def train_local(
             if cfg.max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
+            if after_step is not None:
+                after_step(steps + 1)
             b = len(idx)
             loss_sum += data_val * b
             correct += (logits.detach().argmax(dim=1) == yb).sum()
