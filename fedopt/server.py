@@ -296,15 +296,26 @@ class RoundDriver:
         return out
 
     def wait_for_nodes(self, grid: Grid, *, poll: float = 0.05) -> list[int]:
-        """The federation's node ids, once enough nodes have connected (or patience ran out).
+        """The federation's node ids, once one node per client has connected.
 
         The engine may start the ServerApp before it has registered every node.
+
+        Raises
+        ------
+        RunError
+            Fewer nodes than clients once ``node_patience`` seconds have passed.
         """
         deadline = time.monotonic() + min(self.node_patience, self.scenario.run.timeout)
+        need = self.task.num_clients
         while True:
             nodes = sorted(grid.get_node_ids())
-            if len(nodes) >= self.task.num_clients or time.monotonic() > deadline:
+            if len(nodes) >= need:
                 return nodes
+            if time.monotonic() > deadline:
+                raise RunError(
+                    f"the federation has {len(nodes)} nodes but partition.num_clients = "
+                    f"{need}; start it with num-supernodes={need}"
+                )
             time.sleep(poll)
 
     # -- the whole run --------------------------------------------------------------------
@@ -312,11 +323,6 @@ class RoundDriver:
         """Run every round; rows go to ``emit`` as they finish."""
         s = self.scenario
         self._nodes = self.wait_for_nodes(grid)
-        if len(self._nodes) < self.task.num_clients:
-            raise RunError(
-                f"the federation has {len(self._nodes)} nodes but partition.num_clients = "
-                f"{self.task.num_clients}; start it with num-supernodes={self.task.num_clients}"
-            )
         t0 = time.perf_counter()
         arrays = ArrayRecord(self.model.state_dict())
         first: Row = {"round": 0, "sim_time": 0.0, "cum_bytes": 0}

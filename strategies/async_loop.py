@@ -88,11 +88,6 @@ class AsyncDriver(RoundDriver):
         if not callable(getattr(st, "aggregate_contributions", None)):
             raise RunError(f"strategy {s.strategy.name!r} cannot run on the asynchronous loop")
         self._nodes = self.wait_for_nodes(grid)
-        if len(self._nodes) < self.task.num_clients:
-            raise RunError(
-                f"the federation has {len(self._nodes)} nodes but partition.num_clients = "
-                f"{self.task.num_clients}; start it with num-supernodes={self.task.num_clients}"
-            )
         m = self.task.num_clients
         sizes = np.array([len(self.task.client_data(c)[0]) for c in range(m)], dtype=np.float64)
         works = [planned_work(s.client.params, int(n)) for n in sizes]
