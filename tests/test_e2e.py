@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -167,10 +168,8 @@ def test_flwr_run_dot_runs_the_default_scenario_offline(tmp_path):
     finally:
         found = subprocess.run(["pgrep", "-f", f"{tmp_path}"], capture_output=True, text=True)
         for pid in found.stdout.split():
-            try:
+            with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGTERM)
-            except (ProcessLookupError, ValueError):
-                pass
         time.sleep(1)
 
 
