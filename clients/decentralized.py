@@ -177,7 +177,9 @@ class DecentralizedClient(ClientAlgorithm):
         saved = job.state.get(OPTIMIZER_RECORD)
         if saved is not None:
             load_optimizer_record(optimizer, saved)
-        res = train_local(model, x, y, cfg, generator=job.generator, optimizer=optimizer)
+        res = train_local(
+            model, x, y, cfg, generator=job.generator, optimizer=optimizer, batches=job.batches(cfg)
+        )
         job.state.set(MODEL_RECORD, ArrayRecord(model.state_dict()))
         job.state.set(OPTIMIZER_RECORD, optimizer_record(optimizer))
         report = bool(job.config.get(tp.REPORT_KEY, 1))

@@ -105,6 +105,7 @@ class FedHyperClient(ClientAlgorithm):
             optimizer=optimizer,
             before_step=before_step,
             after_step=after_step,
+            batches=job.batches(cfg),
         )
         return ClientUpdate(
             arrays=ArrayRecord(model.state_dict()),

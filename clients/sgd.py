@@ -39,7 +39,15 @@ class SGDClient(ClientAlgorithm):
     def fit(self, job: ClientJob) -> ClientUpdate:
         mu = float(job.config.get("proximal-mu", 0.0))
         cfg = round_config(self.params, job.config)
-        res = train_local(job.model, job.x, job.y, cfg, generator=job.generator, proximal_mu=mu)
+        res = train_local(
+            job.model,
+            job.x,
+            job.y,
+            cfg,
+            generator=job.generator,
+            proximal_mu=mu,
+            batches=job.batches(cfg),
+        )
         return ClientUpdate(
             arrays=ArrayRecord(job.model.state_dict()),
             num_examples=res.num_examples,

@@ -11,7 +11,7 @@ clients back to back.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
-from fedopt.training import load_weights_
+from fedopt.training import LocalTrainConfig, load_weights_
 
 __all__ = ["ClientAlgorithm", "ClientJob", "ClientState", "ClientUpdate"]
 
@@ -74,6 +74,10 @@ class ClientJob:
         CPU generator seeded by (run seed, round, cid): the only source of randomness.
     device : torch.device
         Where the model and data live.
+    order : callable or None
+        Set by the runtime when the scenario orders local data (``[curriculum]``):
+        ``order(steps=..., batch_size=...)`` gives the round's index batches. Local
+        optimizers pass :meth:`batches` to ``train_local(batches=...)``.
     """
 
     cid: int
@@ -86,6 +90,13 @@ class ClientJob:
     state: ClientState
     generator: torch.Generator
     device: torch.device
+    order: Callable[..., Iterable[torch.Tensor]] | None = None
+
+    def batches(self, cfg: LocalTrainConfig) -> Iterable[torch.Tensor] | None:
+        """The round's ordered index batches for ``cfg``'s steps, or None (shuffled passes)."""
+        if self.order is None:
+            return None
+        return self.order(steps=cfg.total_steps(len(self.x)), batch_size=cfg.batch_size)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,14 @@ class ClientRuntime:
         entry = CLIENTS.get(scenario.client.name, key="client.name")
         self.algorithm = entry.obj(scenario.client.params, scenario=scenario)
         self.mods = [m for e in CLIENT_MODS for m in e.obj(scenario)]
+        # A scenario section may order each round's local data (``[curriculum]``): its
+        # params' ``data_order(scenario=...)`` hook prepares ``job.order`` and sees the update.
+        orders = [
+            p.data_order(scenario=scenario)
+            for p in scenario.extras.values()
+            if callable(getattr(p, "data_order", None))
+        ]
+        self.data_order = orders[0] if orders else None
         self._tensors: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def tensors(self, cid: int) -> tuple[torch.Tensor, ...]:
@@ -99,7 +107,10 @@ class ClientRuntime:
             generator=torch.Generator().manual_seed(seed),
             device=self.device,
         )
+        order_metrics = self.data_order.prepare(job) if self.data_order is not None else {}
         update = self.algorithm.fit(job)
+        if self.data_order is not None:
+            self.data_order.finish(job, update)
         metrics = MetricRecord(
             {
                 "num-examples": int(update.num_examples),
@@ -107,9 +118,28 @@ class ClientRuntime:
                 "work": float(update.work),
                 "cuda": int(self.device.type == "cuda"),
                 **{k: float(v) for k, v in update.metrics.items()},
+                **order_metrics,
             }
         )
         return Message(RecordDict({"arrays": update.arrays, "metrics": metrics}), reply_to=msg)
+
+    def query(self, msg: Message, context: Context) -> Message:
+        """Handle a ``query`` message: this client's mean example score under the received model.
+
+        The score is the data order's (``[curriculum]`` scoring), else the mean
+        training loss; servers use it to order clients.
+        """
+        cid = message_cid(msg, context)
+        self.algorithm.load_global(self.model, msg.content)
+        x, y, _, _ = self.tensors(cid)
+        if self.data_order is not None:
+            state = ClientState(context.state, cid, run_key=self.run_key)
+            score = self.data_order.mean_score(self.model, x, y, state)
+        else:
+            res = evaluate(self.model, x, y)
+            score = res.loss if res.num_examples else 0.0
+        metrics = MetricRecord({"num-examples": len(x), "cid": cid, "score": float(score)})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
     def evaluate(self, msg: Message, context: Context) -> Message:
         """Handle an ``evaluate`` message: the global model on this client's test split."""
@@ -207,5 +237,9 @@ def make_client_app(resolve: Resolver) -> ClientApp:
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
         return holder.get(msg, context).evaluate(msg, context)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return holder.get(msg, context).query(msg, context)
 
     return app

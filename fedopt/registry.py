@@ -149,6 +149,7 @@ _BUILTIN_MODULES = (
     "fedopt.models",
     "fedopt.training",
     "fedopt.heterogeneity",
+    "fedopt.curriculum",
     "clients",
     "strategies",
 )

@@ -38,7 +38,7 @@ from fedopt.registry import CLIENTS, STRATEGIES, WRAPPERS
 from fedopt.task import Task, as_tensors, derive_seed
 from fedopt.training import evaluate, load_weights_
 
-__all__ = ["RoundDriver", "build_strategy", "spread", "worst_fraction_mean"]
+__all__ = ["RoundDriver", "build_strategy", "find_hook", "spread", "worst_fraction_mean"]
 
 log = logging.getLogger("fedopt")
 
@@ -65,6 +65,15 @@ def spread(prefix: str, values: list[float]) -> Row:
         f"{prefix}_mean": float(arr.mean()),
         f"{prefix}_median": float(np.median(arr)),
     }
+
+
+def find_hook(strategy: Any, name: str) -> Any:
+    """The method ``name`` of ``strategy`` or of a strategy it wraps (``.strategy`` chain)."""
+    while strategy is not None:
+        if callable(getattr(type(strategy), name, None)):
+            return getattr(strategy, name)
+        strategy = vars(strategy).get("strategy") if hasattr(strategy, "__dict__") else None
+    return None
 
 
 def worst_fraction_mean(values: list[float], *, fraction: float = 0.1) -> float:
@@ -114,11 +123,21 @@ class RoundDriver:
         self.bytes = ByteCounter()
         self.cum_bytes = 0
         self.client_devices: set[str] = set()
+        self.select_bytes = [0, 0]
         self._nodes: list[int] = []
 
     # -- selection ------------------------------------------------------------------------
-    def select(self, server_round: int) -> list[int]:
-        """The clients that train in ``server_round`` (sorted ids)."""
+    def select(
+        self, server_round: int, grid: Grid | None = None, arrays: ArrayRecord | None = None
+    ) -> list[int]:
+        """The clients that train in ``server_round`` (sorted ids).
+
+        The available clients are drawn first. A strategy (or a wrapper around
+        it) with a ``select_clients(server_round, available, *, query)`` method
+        then picks among them; ``query(cids)`` sends each a ``query`` message
+        carrying the global ``arrays`` and returns ``{cid: metrics}`` of those
+        that replied. A None answer, or no such method, means seeded sampling.
+        """
         s = self.scenario
         mask = availability(
             self.task.num_clients,
@@ -127,6 +146,15 @@ class RoundDriver:
             round_=server_round,
         )
         pool = np.flatnonzero(mask)
+        chooser = find_hook(self.strategy, "select_clients")
+        if chooser is not None and grid is not None and arrays is not None:
+
+            def query(cids: list[int]) -> dict[int, Any]:
+                return self.query(grid, arrays, cids)
+
+            chosen = chooser(server_round, [int(c) for c in pool], query=query)
+            if chosen is not None:
+                return sorted(int(c) for c in chosen)
         k = min(s.clients_per_round, len(pool))
         rng = np.random.default_rng(derive_seed(s.run.seed, server_round, 0, 3))
         return sorted(int(c) for c in rng.choice(pool, size=k, replace=False))
@@ -179,16 +207,43 @@ class RoundDriver:
             log.warning("client %d dropped from round (%s): %s", cid, msg_type, reason)
         return sorted_by_cid(ok), failed, down, up
 
+    def query(self, grid: Grid, arrays: ArrayRecord, cids: list[int]) -> dict[int, Any]:
+        """Send ``query`` messages with the global arrays to ``cids``; their reply metrics.
+
+        Their bytes count towards the round's ``bytes_down``/``bytes_up`` and
+        ``select_bytes_down``/``select_bytes_up``.
+        """
+        if not cids:
+            return {}
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord()})
+        messages = [
+            Message(content=content, dst_node_id=self.node_of(c), message_type=MessageType.QUERY)
+            for c in cids
+        ]
+        replies, _, down, up = self._exchange(grid, messages, cids, MessageType.QUERY)
+        self.select_bytes[0] += sum(down.values())
+        self.select_bytes[1] += sum(up.values())
+        return {cid: reply.content["metrics"] for cid, reply in replies}
+
     # -- one round ------------------------------------------------------------------------
     def train_round(
         self, grid: Grid, server_round: int, arrays: ArrayRecord
     ) -> tuple[ArrayRecord, Row]:
         """Run the training half of a round; return the new global arrays and the row."""
         s = self.scenario
-        cids = self.select(server_round)
+        self.select_bytes = [0, 0]
+        cids = self.select(server_round, grid, arrays)
         row: Row = {"round": server_round}
+        if any(self.select_bytes):
+            row.update(select_bytes_down=self.select_bytes[0], select_bytes_up=self.select_bytes[1])
         if not cids:
-            row.update(num_clients=0, clients=[], bytes_down=0, bytes_up=0, round_sim_time=0.0)
+            row.update(
+                num_clients=0,
+                clients=[],
+                bytes_down=self.select_bytes[0],
+                bytes_up=self.select_bytes[1],
+                round_sim_time=0.0,
+            )
             return arrays, row
         grid_view = SelectedGrid(grid, [self.node_of(c) for c in cids])
         messages = list(
@@ -217,8 +272,8 @@ class RoundDriver:
             num_clients=len(replies),
             clients=[c for c, _ in replies],
             round_sim_time=round_time,
-            bytes_down=sum(down.values()),
-            bytes_up=sum(up.values()),
+            bytes_down=sum(down.values()) + self.select_bytes[0],
+            bytes_up=sum(up.values()) + self.select_bytes[1],
         )
         for key, value in (agg or {}).items():
             if key not in RESERVED_METRICS and key != "steps":

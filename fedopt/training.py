@@ -10,7 +10,7 @@ in-place copy), call :func:`train_local` with the client's own
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,6 +108,12 @@ class LocalTrainConfig:
             "a finite number > 0, or omitted for no clipping",
         )
 
+    def total_steps(self, n: int) -> int:
+        """Minibatch steps of one round on ``n`` examples: ``steps``, else epochs x batches."""
+        return (
+            self.steps if self.steps is not None else self.epochs * math.ceil(n / self.batch_size)
+        )
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -168,6 +174,7 @@ def train_local(
     optimizer: torch.optim.Optimizer | None = None,
     before_step: Callable[[int], None] | None = None,
     after_step: Callable[[int], None] | None = None,
+    batches: Iterable[torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``(x, y)`` with cross-entropy and a fresh optimizer.
 
@@ -194,6 +201,10 @@ def train_local(
     before_step, after_step : callable, optional
         Called with the 1-based step number before the step's forward pass and
         after its optimizer step.
+    batches : iterable of torch.Tensor, optional
+        Index tensors to train on, one step each, instead of the shuffled passes
+        of ``cfg`` (e.g. a curriculum's ordered, paced stream); the steps taken
+        are the length of the stream.
 
     Returns
     -------
@@ -218,7 +229,8 @@ def train_local(
     if optimizer is None:
         optimizer = OPTIMIZERS.get(cfg.optimizer, key="optimizer").obj(trainable, cfg)
     anchors = [p.detach().clone() for p in trainable] if proximal_mu > 0 else []
-    total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * math.ceil(n / cfg.batch_size)
+    if batches is None:
+        batches = _batches(n, cfg.batch_size, cfg.total_steps(n), generator, x.device)
 
     was_training = model.training
     model.train()
@@ -227,7 +239,7 @@ def train_local(
     steps = seen = 0
     diverged = False
     try:
-        for idx in _batches(n, cfg.batch_size, total_steps, generator, x.device):
+        for idx in batches:
             if before_step is not None:
                 before_step(steps + 1)
             xb, yb = x[idx], y[idx]
