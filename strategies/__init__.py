@@ -6,6 +6,7 @@ Importing this package registers every built-in strategy in
 """
 
 from strategies import (  # noqa: F401  (each import registers its strategies)
+    curriculum,
     decentralized,
     dp,
     fedfix,
