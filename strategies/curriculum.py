@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
 from fedopt.curriculum import CurriculumParams, order_indices, pace
 from fedopt.registry import WRAPPERS
 from fedopt.task import derive_seed
+from fedopt.wrapper import WrappedStrategy
 
 __all__ = ["ClientScheduler", "CurriculumStrategy", "wrap_curriculum"]
 
@@ -98,7 +98,7 @@ class ClientScheduler:
         return sorted(c for c in batch if c in set(available))
 
 
-class CurriculumStrategy(Strategy):
+class CurriculumStrategy(WrappedStrategy):
     """Curricula in FL (Vahidian et al., ICCV 2023) around any Flower strategy.
 
     Configuration and aggregation are the wrapped strategy's; this adds
@@ -107,8 +107,7 @@ class CurriculumStrategy(Strategy):
     """
 
     def __init__(self, strategy: Strategy, *, scenario: Any) -> None:
-        super().__init__()
-        self.strategy = strategy
+        super().__init__(strategy)
         self.scenario = scenario
         self.params: CurriculumParams = scenario.extras["curriculum"]
         self.scheduler = ClientScheduler(
@@ -126,11 +125,6 @@ class CurriculumStrategy(Strategy):
             return None
         return self.scheduler.next_round(server_round, available, query)
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round, arrays, config, grid)
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -141,23 +135,9 @@ class CurriculumStrategy(Strategy):
             metrics["curriculum_pool"] = len(self.scheduler.cycles[-1]["pool"])
         return arrays, metrics
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()
-
     def summary_extra(self) -> dict[str, Any]:
         """The curriculum settings, the scheduling cycles and any private-scoring opt-in."""
-        inner = getattr(self.strategy, "summary_extra", None)
-        out: dict[str, Any] = dict(inner()) if callable(inner) else {}
+        out = super().summary_extra()
         p = self.params
         block: dict[str, Any] = {
             "ordering": p.ordering,
@@ -180,11 +160,6 @@ class CurriculumStrategy(Strategy):
                 "accounted": False,
             }
         return out
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "strategy":
-            raise AttributeError(name)
-        return getattr(self.strategy, name)
 
 
 def wrap_curriculum(strategy: Strategy, *, scenario: Any) -> Strategy:

@@ -36,6 +36,7 @@ from fedopt.privacy.plan import DPSGDParams, planned_participations
 from fedopt.privacy.userlevel import UserDPParams, UserLevelLedger
 from fedopt.registry import CLIENT_MODS, PLOTS, SECTIONS, WRAPPERS
 from fedopt.task import derive_seed
+from fedopt.wrapper import WrappedStrategy
 
 __all__ = ["PrivacyReport", "UNIT_WEIGHT", "user_dp_mods", "wrap_privacy"]
 
@@ -113,7 +114,7 @@ def _innermost_fedavg(strategy: Any) -> FedAvg | None:
     return strategy
 
 
-class PrivacyReport(Strategy):
+class PrivacyReport(WrappedStrategy):
     """Privacy accounting around a strategy (Abadi et al. 2016; McMahan et al. 2018).
 
     Parameters
@@ -136,8 +137,7 @@ class PrivacyReport(Strategy):
         dp: Any = None,
         user: UserLevelLedger | None = None,
     ) -> None:
-        super().__init__()
-        self.strategy = strategy
+        super().__init__(strategy)
         self.scenario = scenario
         self.dp = dp
         self.user = user
@@ -205,19 +205,6 @@ class PrivacyReport(Strategy):
             out["user_clipping_norm"] = clip_before
         return arrays, MetricRecord(out)
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()
-
     def _sample_level(self) -> dict[str, Any]:
         p = self.client_params
         if p.non_private:
@@ -246,8 +233,7 @@ class PrivacyReport(Strategy):
 
     def summary_extra(self) -> dict[str, Any]:
         """The run's privacy facts for summary.json, plus the wrapped strategy's own."""
-        inner = getattr(self.strategy, "summary_extra", None)
-        out: dict[str, Any] = dict(inner()) if callable(inner) else {}
+        out = super().summary_extra()
         privacy: dict[str, Any] = {}
         if self.client_params is not None:
             privacy["sample_level"] = self._sample_level()
@@ -261,11 +247,6 @@ class PrivacyReport(Strategy):
             }
         out["privacy"] = privacy
         return out
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "strategy":
-            raise AttributeError(name)
-        return getattr(self.strategy, name)
 
 
 def wrap_privacy(strategy: Strategy, *, scenario: Any) -> Strategy:

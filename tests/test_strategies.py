@@ -117,3 +117,20 @@ def test_fedadam_first_step_matches_the_adam_formula():
     # Flower's bias-corrected step size uses the exponent server_round + 1 (= 2 in round 1)
     eta_t = eta * np.sqrt(1 - b2**2) / (1 - b1**2)
     np.testing.assert_allclose(out, eta_t * m / (np.sqrt(v) + tau), rtol=1e-5)
+
+
+def test_wrapped_strategy_forwards_steps_attributes_and_summary():
+    from fedopt.wrapper import WrappedStrategy
+
+    inner = strategy("fedavgm", server_learning_rate=0.5, server_momentum=0.9)
+    inner.summary_extra = lambda: {"inner": 1}
+    outer = WrappedStrategy(WrappedStrategy(inner))
+    view = SelectedGrid(MockGrid([1, 2]), [1, 2])
+    msgs = sorted(
+        outer.configure_train(1, initial(), ConfigRecord(), view),
+        key=lambda m: m.metadata.dst_node_id,
+    )
+    arrays, _ = outer.aggregate_train(1, replies_for(msgs, [1, 1], [1.0, 3.0]))
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], 1.0, rtol=1e-6)
+    assert outer.server_momentum == 0.9 and outer.current_arrays is not None
+    assert outer.summary_extra() == {"inner": 1}
