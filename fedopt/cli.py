@@ -1,4 +1,4 @@
-"""The ``fedopt`` command line: run, compare, partitions, report, list, privacy, reference.
+"""The ``fedopt`` command line: run, compare, partitions, report, list, privacy, expert, reference.
 
 Bad input (a ConfigError) prints one line naming the key, the value and what
 is allowed, and exits with status 2, without a traceback. A run that fails
@@ -164,6 +164,19 @@ def cmd_privacy(args: argparse.Namespace, console: Console) -> int:
     return privacy_command(args, console)
 
 
+def cmd_expert(args: argparse.Namespace, console: Console) -> int:
+    from fedopt.config import load_scenario
+    from fedopt.curriculum import train_expert
+    from fedopt.errors import ConfigError
+
+    if args.epochs < 1:
+        raise ConfigError("--epochs", args.epochs, "an integer >= 1")
+    scenario = load_scenario(args.scenario, args.set)
+    path = train_expert(scenario, args.out, epochs=args.epochs)
+    console.print(f"expert model: {path.resolve()}  (use [curriculum] expert_path)")
+    return 0
+
+
 def cmd_reference(args: argparse.Namespace, console: Console) -> int:
     from fedopt.docs import scenario_reference
 
@@ -217,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--delta", type=float, default=1e-5, help="δ (default 1e-5)")
     pv.add_argument("--accountant", action="append", default=[], help="only these (repeatable)")
     pv.set_defaults(fn=cmd_privacy)
+
+    ex = sub.add_parser("expert", help="train a scenario's model centrally (curriculum oracle)")
+    ex.add_argument("scenario")
+    ex.add_argument("--set", **sets)
+    ex.add_argument("--out", required=True, help="where to save the state_dict")
+    ex.add_argument("--epochs", type=int, default=10)
+    ex.set_defaults(fn=cmd_expert)
 
     ref = sub.add_parser("reference", help="print the scenario reference (every key) as Markdown")
     ref.set_defaults(fn=cmd_reference)

@@ -69,3 +69,18 @@ def test_list_and_reference(capsys):
         assert name in out
     assert main(["reference"]) == 0
     assert "#### `[strategy]`" in capsys.readouterr().out
+
+
+def test_expert_command_trains_a_loadable_checkpoint(tmp_path, capsys):
+    import torch
+
+    from fedopt.config import load_scenario
+    from fedopt.task import build_task
+
+    out = tmp_path / "expert.pt"
+    quick = str(ROOT / "scenarios/quickstart.toml")
+    assert main(["expert", quick, "--out", str(out), "--epochs", "2"]) == 0
+    assert "expert model" in capsys.readouterr().out
+    model = build_task(load_scenario(quick)).new_model()
+    model.load_state_dict(torch.load(out))
+    assert main(["expert", quick, "--out", str(out), "--epochs", "0"]) == 2
