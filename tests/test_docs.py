@@ -47,3 +47,17 @@ def test_every_shipped_scenario_parses():
             assert load_sweep(path).cells()
         else:
             parse_scenario(raw)
+
+
+def test_every_package_directory_is_packaged():
+    from setuptools import find_packages
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    include = config["tool"]["setuptools"]["packages"]["find"]["include"]
+    packaged = set(find_packages(where=str(ROOT), include=include))
+    on_disk = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for top in ("fedopt", "strategies", "clients", "scenarios")
+        for p in (ROOT / top).rglob("__init__.py")
+    }
+    assert on_disk <= packaged, on_disk - packaged

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from fedopt.data import load_task_data
-from fedopt.data.files import read_idx
+from fedopt.data.images import read_idx
 from fedopt.errors import ConfigError
 
 

@@ -1,6 +1,6 @@
 """Datasets, local-file loaders and client partitioning; importing registers all of them."""
 
-from fedopt.data import builtin, files, partition
+from fedopt.data import builtin, files, images, partition
 from fedopt.data.core import (
     Dataset,
     TaskData,
@@ -18,6 +18,7 @@ __all__ = [
     "builtin",
     "files",
     "holdout",
+    "images",
     "label_histogram",
     "load_task_data",
     "partition",
