@@ -118,6 +118,9 @@ class RoundDriver:
         speeds = client_speeds(h.speed, h.params, num_clients=task.num_clients, seed=s.run.seed)
         self.clock = VirtualClock(speeds=speeds, base_rate=h.base_rate)
         self.model = task.new_model()
+        bind = find_hook(self.strategy, "bind_model")
+        if bind is not None:  # strategies that need the model's structure get the run's model
+            bind(self.model)
         self.test = as_tensors(task.data.test, torch.device("cpu"))
         self.emit = emit
         self.bytes = ByteCounter()

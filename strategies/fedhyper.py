@@ -17,14 +17,14 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from torch import nn
 
 from fedopt import hypergrad as hg
-from fedopt.data import load_task_data
 from fedopt.errors import ConfigError
-from fedopt.models import build_model
 from fedopt.params import check
 from fedopt.plots import Figure
 from fedopt.registry import PLOTS, STRATEGIES
+from fedopt.task import build_task
 from strategies.flower import flower_kwargs
 
 __all__ = ["FedHyper", "FedHyperParams"]
@@ -137,9 +137,13 @@ class FedHyper(FedAvg):
     lr0 : float or None
         The scenario's client rate η0 (needed by SL).
     param_keys : collection of str or None
-        Array keys that are trainable parameters; None treats every floating array as one.
+        Array keys that are trainable parameters; None treats every floating array as
+        one, unless the keys come from :meth:`bind_model` (the server loop hands over
+        its model) or, used outside a run, from ``scenario``'s model.
     params : FedHyperParams
         The section, for the SL and CL bounds.
+    scenario : Scenario or None
+        Where to find the model's parameter names when no model was bound.
     """
 
     def __init__(
@@ -149,13 +153,15 @@ class FedHyper(FedAvg):
         params: FedHyperParams,
         lr0: float | None = None,
         param_keys: Collection[str] | None = None,
+        scenario: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.variant = variant
         self.params = params
         self.lr0 = lr0
-        self.param_keys = None if param_keys is None else frozenset(param_keys)
+        self._param_keys = None if param_keys is None else frozenset(param_keys)
+        self._scenario = scenario
         self.a = 0.0
         self.theta: np.ndarray | None = None
         self.prev: np.ndarray | None = None
@@ -163,6 +169,17 @@ class FedHyper(FedAvg):
         self.lr_local = (
             hg.clip(lr0, params.local_lr_min, params.local_lr_max) if lr0 is not None else None
         )
+
+    def bind_model(self, model: nn.Module) -> None:
+        """Take the trainable parameter names from the run's model (called by the server loop)."""
+        self._param_keys = frozenset(n for n, p in model.named_parameters() if p.requires_grad)
+
+    @property
+    def param_keys(self) -> frozenset[str] | None:
+        """Array keys that are trainable parameters (None: every floating array)."""
+        if self._param_keys is None and self._scenario is not None:
+            self.bind_model(build_task(self._scenario).new_model())
+        return self._param_keys
 
     def _keys(self, arrays: ArrayRecord) -> list[str]:
         if self.param_keys is not None:
@@ -245,21 +262,6 @@ class FedHyper(FedAvg):
         return {"fedhyper": out}
 
 
-def _parameter_keys(scenario: Any) -> list[str]:
-    """Names of the scenario model's trainable parameters (not its buffers)."""
-    d = scenario.data
-    data = load_task_data(d.name, d.params, test_fraction=d.test_fraction, seed=scenario.run.seed)
-    m = scenario.model
-    model = build_model(
-        m.name,
-        m.params,
-        input_shape=data.train.input_shape,
-        num_classes=data.train.num_classes,
-        seed=scenario.run.seed,
-    )
-    return [name for name, p in model.named_parameters() if p.requires_grad]
-
-
 def _fedhyper(params: FedHyperParams, *, scenario: Any) -> FedHyper:
     """FedHyper (Wang, Wang & Li, ICLR 2024): hypergradient global and local learning rates."""
     return FedHyper(
@@ -267,7 +269,7 @@ def _fedhyper(params: FedHyperParams, *, scenario: Any) -> FedHyper:
         variant=params.resolved(),
         params=params,
         lr0=getattr(scenario.client.params, "lr", None),
-        param_keys=_parameter_keys(scenario),
+        scenario=scenario,
     )
 
 
