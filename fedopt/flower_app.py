@@ -10,6 +10,7 @@ whoever started the local SuperLink, so outputs go to absolute paths only.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,12 +32,25 @@ log = logging.getLogger("fedopt")
 
 
 def scenario_mapping(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The scenario mapping named by a run config (path + overrides)."""
-    path = Path(str(run_config.get("scenario") or "scenarios/quickstart.toml"))
+    """The scenario mapping named by a run config (path + overrides).
+
+    The ClientApp resolves it for every message, so the file is read once per
+    (path, overrides) in a worker process; the app copy ``flwr run`` executes
+    never changes under a run. Callers must not modify the returned mapping.
+    """
+    return _read_scenario(
+        str(run_config.get("scenario") or "scenarios/quickstart.toml"),
+        str(run_config.get("set", "")),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _read_scenario(scenario: str, sets: str) -> dict[str, Any]:
+    path = Path(scenario)
     if not path.is_absolute():
         path = APP_ROOT / path
-    sets = [s.strip() for s in str(run_config.get("set", "")).split(";") if s.strip()]
-    return apply_overrides(read_toml(path), sets)
+    overrides = [s.strip() for s in sets.split(";") if s.strip()]
+    return apply_overrides(read_toml(path), overrides)
 
 
 def output_root(run_config: Mapping[str, Any]) -> Path:

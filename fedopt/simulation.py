@@ -222,6 +222,7 @@ def run_batch(
     *,
     on_row: Callable[[int, Row], None] | None = None,
     on_done: Callable[[int, RunResult], None] | None = None,
+    tasks: Sequence[Task] | None = None,
 ) -> list[RunResult]:
     """Run several scenarios one after another in ONE Flower simulation (one Ray start-up).
 
@@ -229,13 +230,15 @@ def run_batch(
     message names its run, so client workers build each run's task once and
     keep every run's client state apart. Results are identical to running the
     scenarios one by one. All runs must ask for the same client resources.
+    ``tasks`` are the scenarios' already built tasks, when the caller has them.
     """
     from flwr.simulation import run_simulation
 
     if not scenarios or len(scenarios) != len(run_dirs):
         raise ValueError("run_batch needs one run directory per scenario")
     _check_resources(scenarios)
-    tasks = [build_task(sc) for sc in scenarios]
+    if tasks is None:
+        tasks = [build_task(sc) for sc in scenarios]
     keys = [f"{i}-{sc.fingerprint()}" for i, sc in enumerate(scenarios)]
     for sc, run_dir in zip(scenarios, run_dirs, strict=True):
         Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -314,7 +317,7 @@ def run(
     if ray_address:
         scenario = scenario.replace(**{"run.ray_address": ray_address})
     _check_resources([scenario])
-    build_task(scenario)
+    task = build_task(scenario)
     run_dir = Path(run_dir) if run_dir is not None else make_run_dir(Path(out), scenario.name)
     cb = (lambda i, row: on_row(row)) if on_row is not None else None
-    return run_batch([scenario], [run_dir], on_row=cb)[0]
+    return run_batch([scenario], [run_dir], on_row=cb, tasks=[task])[0]
