@@ -66,3 +66,19 @@ def run_inline(scenario, run_dir=None):
     driver = RoundDriver(task, emit=rows.append)
     driver.run(grid)
     return rows, driver, grid
+
+
+def scenario_with(raw, **sets):
+    """Parse ``raw`` with ``section__key=value`` overrides (test shorthand)."""
+    from fedopt.config import parse_scenario
+
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for key, value in sets.items():
+        section, field = key.split("__")
+        raw.setdefault(section, {})[field] = value
+    return parse_scenario(raw)
+
+
+def strip_wall(rows):
+    """Rows without wall-clock fields, for determinism comparisons."""
+    return [{k: v for k, v in r.items() if not k.startswith("wall")} for r in rows]

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from inline import strip_wall
 
 from fedopt.compare import load_sweep, run_sweep
 from fedopt.config import load_scenario
@@ -22,10 +23,6 @@ from fedopt.simulation import run
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "scenarios" / "quickstart.toml"
-
-
-def strip_wall(rows):
-    return [{k: v for k, v in r.items() if not k.startswith("wall")} for r in rows]
 
 
 def test_tiny_quickstart_writes_a_complete_run_directory(tmp_path):

@@ -7,7 +7,7 @@ import uuid
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord
-from inline import InlineGrid, run_inline
+from inline import InlineGrid, run_inline, scenario_with, strip_wall
 
 from fedopt.clientapp import make_client_app
 from fedopt.config import parse_scenario
@@ -31,11 +31,7 @@ RAW = {
 
 
 def scenario(**sets):
-    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in RAW.items()}
-    for key, value in sets.items():
-        section, field = key.split("__")
-        raw.setdefault(section, {})[field] = value
-    return parse_scenario(raw)
+    return scenario_with(RAW, **sets)
 
 
 class PushPullGrid(InlineGrid):
@@ -76,10 +72,6 @@ def run_clock(s, *, order_seed=0, per_pull=3, on_row=None):
     return rows, driver, final
 
 
-def strip(rows):
-    return [{k: v for k, v in r.items() if not k.startswith("wall")} for r in rows]
-
-
 def test_fedfix_with_period_at_least_the_slowest_client_is_synchronous_fedavg():
     # the slowest client takes 1.0 simulated second (fx 80%, full batches)
     fix, _, fix_final = run_clock(scenario(strategy__delta_t=1.0))
@@ -101,7 +93,7 @@ def test_fedfix_with_period_at_least_the_slowest_client_is_synchronous_fedavg():
 def test_rows_do_not_depend_on_the_order_replies_arrive_in(name):
     a, _, _ = run_clock(scenario(strategy__name=name), order_seed=0, per_pull=1)
     b, _, _ = run_clock(scenario(strategy__name=name), order_seed=7, per_pull=6)
-    assert strip(a) == strip(b)
+    assert strip_wall(a) == strip_wall(b)
     assert len(a) > 4
 
 
@@ -239,6 +231,6 @@ def test_ray_runs_are_identical_for_one_or_two_workers(tmp_path):
     s = scenario(strategy__name="async_fedavg", strategy__time_budget=2.0)
     one = fedopt.run(s.replace(**{"run.workers": 1}), out=tmp_path / "one")
     two = fedopt.run(s.replace(**{"run.workers": 2}), out=tmp_path / "two")
-    assert strip(one.rows) == strip(two.rows)
+    assert strip_wall(one.rows) == strip_wall(two.rows)
     assert len(one.rows) > 10
     assert one.summary["staleness_histogram"] == two.summary["staleness_histogram"]

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from flwr.app import RecordDict
 from flwr.common.serde import recorddict_to_proto
-from inline import InlineGrid, run_inline
+from inline import InlineGrid, run_inline, scenario_with, strip_wall
 
 from fedopt.clientapp import make_client_app
-from fedopt.config import parse_scenario
 from fedopt.errors import DivergenceError, RunError
 from fedopt.heterogeneity import client_speeds
 from fedopt.records import ByteCounter
@@ -30,15 +29,7 @@ RAW = {
 
 
 def scenario(**sets):
-    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in RAW.items()}
-    for key, value in sets.items():
-        section, field = key.split("__")
-        raw.setdefault(section, {})[field] = value
-    return parse_scenario(raw)
-
-
-def strip_wall(rows):
-    return [{k: v for k, v in r.items() if not k.startswith("wall")} for r in rows]
+    return scenario_with(RAW, **sets)
 
 
 def test_rows_have_the_documented_schema():
