@@ -8,7 +8,6 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from flwr.app import ArrayRecord
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -19,6 +18,7 @@ from fedopt.errors import ConfigError
 from fedopt.privacy.calibration import calibrate_noise
 from fedopt.privacy.plan import DPSGDParams, Ledger, local_plan, planned_participations
 from fedopt.registry import CLIENTS, OPTIMIZERS
+from fedopt.training import objective, sample_mean_loss
 
 __all__ = ["DPSGDClient", "opacus_model_errors"]
 
@@ -194,7 +194,7 @@ def _steps(
     """Run ``tau`` logical steps of an Opacus optimizer; count only steps actually taken."""
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-    loss_sum, correct, steps, seen = 0.0, 0, 0, 0
+    loss_sum, correct, counted, steps, seen = 0.0, 0, 0, 0, 0
     diverged = False
     while steps < tau and not diverged:
         manager: Any = (
@@ -210,7 +210,7 @@ def _steps(
             for xb, yb in batches:
                 dp_opt.zero_grad(set_to_none=True)
                 logits = model(xb)
-                loss = F.cross_entropy(logits, yb)
+                loss = sample_mean_loss(logits, yb)
                 b = len(yb)
                 if b and not math.isfinite(float(loss.detach())):
                     diverged = True
@@ -218,8 +218,10 @@ def _steps(
                 loss.backward()  # an empty Poisson batch still takes a noise-only step
                 dp_opt.step()
                 if b:
+                    _, hits, units = objective(logits.detach(), yb)
                     loss_sum += float(loss.detach()) * b
-                    correct += int((logits.detach().argmax(dim=1) == yb).sum())
+                    correct += int(hits)
+                    counted += int(units)
                     seen += b
                 if not dp_opt._is_last_step_skipped:
                     steps += 1
@@ -227,7 +229,7 @@ def _steps(
                         break
     if diverged or not seen:
         return math.nan if diverged else 0.0, math.nan, steps, seen
-    return loss_sum / seen, correct / seen, steps, seen
+    return loss_sum / seen, correct / max(counted, 1), steps, seen
 
 
 CLIENTS.register("dpsgd", DPSGDClient, params=DPSGDParams)

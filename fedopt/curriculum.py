@@ -24,14 +24,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from flwr.app import ArrayRecord
 from torch import nn
 
 from fedopt.errors import ConfigError
 from fedopt.params import check
 from fedopt.registry import SECTIONS
-from fedopt.training import LocalTrainConfig, load_weights_, train_local
+from fedopt.training import (
+    IGNORE_INDEX,
+    LocalTrainConfig,
+    load_weights_,
+    per_example_loss,
+    train_local,
+)
 
 __all__ = [
     "ORDERINGS",
@@ -116,17 +121,19 @@ def order_indices(
     return ORDERINGS[ordering](scores.detach().cpu(), generator)
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y, reduction="none")
-
-
 def _error(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """0/1 misclassification per example; a sequence's share of wrong counted tokens."""
+    if logits.ndim == y.ndim + 1 and logits.ndim > 2:
+        counted = y != IGNORE_INDEX
+        wrong = (logits.argmax(dim=-1) != y) & counted
+        dims = tuple(range(1, y.ndim))
+        return wrong.sum(dim=dims).to(logits.dtype) / counted.sum(dim=dims).clamp(min=1)
     return (logits.argmax(dim=1) != y).to(logits.dtype)
 
 
 #: Per-example score: the loss, or the 0/1 misclassification (the paper's ``_pred`` variant).
 SCORES: Mapping[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = types.MappingProxyType(
-    {"loss": _loss, "error": _error}
+    {"loss": per_example_loss, "error": _error}
 )
 
 

@@ -23,14 +23,21 @@ from fedopt.params import check
 from fedopt.registry import OPTIMIZERS
 
 __all__ = [
+    "IGNORE_INDEX",
     "EvalResult",
     "LocalTrainConfig",
     "TrainResult",
     "evaluate",
     "get_weights",
     "load_weights_",
+    "objective",
+    "per_example_loss",
+    "sample_mean_loss",
     "train_local",
 ]
+
+#: Label of a position that no loss counts (padding, an instruction's prompt tokens).
+IGNORE_INDEX = -100
 
 
 def _sgd(parameters: list[nn.Parameter], cfg: LocalTrainConfig) -> torch.optim.Optimizer:
@@ -149,6 +156,70 @@ class EvalResult:
     num_examples: int
 
 
+def _flat(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels as (units, classes) and (units,): examples, or tokens of sequences."""
+    if logits.ndim == y.ndim + 1 and logits.ndim > 2:
+        return logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+    return logits, y
+
+
+def objective(
+    logits: torch.Tensor, y: torch.Tensor, *, reduction: str = "mean"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy of a batch, its correct predictions and the number of labels counted.
+
+    One objective serves both kinds of task: labels of shape ``(b,)`` against
+    logits ``(b, classes)`` (classification), and token labels ``(b, L)``
+    against logits ``(b, L, vocab)`` (language modelling; ``y[:, t]`` is the
+    target of position ``t``, so the shift is the data's job). Labels equal to
+    :data:`IGNORE_INDEX` count nowhere.
+
+    Returns
+    -------
+    loss : torch.Tensor
+        Mean (``reduction="mean"``) or sum (``"sum"``) over the counted labels.
+    correct : torch.Tensor
+        Counted labels whose arg-max logit is right (no gradient).
+    count : torch.Tensor
+        Labels counted: examples, or tokens.
+    """
+    flat_logits, flat_y = _flat(logits, y)
+    loss = F.cross_entropy(flat_logits, flat_y, reduction=reduction, ignore_index=IGNORE_INDEX)
+    counted = flat_y != IGNORE_INDEX
+    with torch.no_grad():
+        correct = ((flat_logits.argmax(dim=-1) == flat_y) & counted).sum()
+    return loss, correct, counted.sum()
+
+
+def sample_mean_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch's examples of :func:`per_example_loss` (DP-SGD's loss).
+
+    Equal to :func:`objective`'s loss for classification; for sequences each
+    example weighs the same, so a per-sample gradient is that of one example.
+    """
+    if not (logits.ndim == y.ndim + 1 and logits.ndim > 2):
+        return F.cross_entropy(logits, y)
+    return per_example_loss(logits, y).mean()
+
+
+def per_example_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each example's cross-entropy, shape ``(b,)``: a sequence's is its mean over counted tokens.
+
+    The per-sample loss of DP-SGD (every example weighs the same whatever its
+    length) and of curriculum scoring. A sequence with no counted token scores 0.
+    """
+    if not (logits.ndim == y.ndim + 1 and logits.ndim > 2):
+        return F.cross_entropy(logits, y, reduction="none")
+    tokens = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        y.reshape(-1),
+        reduction="none",
+        ignore_index=IGNORE_INDEX,
+    ).reshape(y.shape)
+    counts = (y != IGNORE_INDEX).sum(dim=tuple(range(1, y.ndim)))
+    return tokens.sum(dim=tuple(range(1, y.ndim))) / counts.clamp(min=1)
+
+
 def _batches(
     n: int, batch_size: int, total_steps: int, generator: torch.Generator, device: torch.device
 ) -> Iterator[torch.Tensor]:
@@ -188,7 +259,8 @@ def train_local(
     model : torch.nn.Module
         Trained in place; only parameters with ``requires_grad`` change.
     x, y : torch.Tensor
-        Inputs and integer labels, already on the model's device.
+        Inputs and integer labels (per example, or per token: see :func:`objective`),
+        already on the model's device.
     cfg : LocalTrainConfig
         Epochs or steps, batch size and optimizer settings.
     generator : torch.Generator
@@ -236,7 +308,7 @@ def train_local(
     model.train()
     loss_sum = 0.0
     correct = torch.zeros((), dtype=torch.long, device=x.device)
-    steps = seen = 0
+    steps = seen = counted = 0
     diverged = False
     try:
         for idx in batches:
@@ -245,12 +317,14 @@ def train_local(
             xb, yb = x[idx], y[idx]
             optimizer.zero_grad(set_to_none=True)
             logits = model(xb)
-            data_loss = F.cross_entropy(logits, yb)
+            data_loss, hits, units = objective(logits, yb)
             loss = data_loss
             if anchors:
                 prox = sum((p - a).pow(2).sum() for p, a in zip(trainable, anchors, strict=True))
                 loss = data_loss + 0.5 * proximal_mu * prox
-            data_val, total_val = torch.stack([data_loss.detach(), loss.detach()]).tolist()
+            data_val, total_val, units_val = torch.stack(
+                [data_loss.detach(), loss.detach(), units.to(loss.dtype)]
+            ).tolist()
             if not (math.isfinite(data_val) and math.isfinite(total_val)):
                 diverged = True
                 break
@@ -261,22 +335,28 @@ def train_local(
             if after_step is not None:
                 after_step(steps + 1)
             b = len(idx)
-            loss_sum += data_val * b
-            correct += (logits.detach().argmax(dim=1) == yb).sum()
+            if units_val:
+                loss_sum += data_val * units_val
+            correct += hits
             steps += 1
             seen += b
+            counted += int(units_val)
     finally:
         optimizer.zero_grad(set_to_none=True)
         model.train(was_training)
-    accuracy = int(correct.item()) / seen if seen else math.nan
-    loss_mean = math.nan if diverged or not seen else loss_sum / seen
+    accuracy = int(correct.item()) / counted if counted else math.nan
+    loss_mean = math.nan if diverged or not counted else loss_sum / counted
     return TrainResult(loss_mean, accuracy, n, steps, seen)
 
 
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024
 ) -> EvalResult:
-    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``; restores the train/eval mode."""
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``; restores the train/eval mode.
+
+    Both are over the labels :func:`objective` counts: examples, or tokens for
+    language modelling (so ``exp(loss)`` is the perplexity).
+    """
     check(batch_size >= 1, "batch_size", batch_size, "an integer >= 1")
     n = len(x)
     if n == 0:
@@ -287,16 +367,21 @@ def evaluate(
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.long, device=x.device)
+    counted = torch.zeros((), dtype=torch.long, device=x.device)
     try:
         with torch.no_grad():
             for start in range(0, n, batch_size):
                 xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-                logits = model(xb)
-                loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
-                correct += (logits.argmax(dim=1) == yb).sum()
+                loss, hits, units = objective(model(xb), yb, reduction="sum")
+                loss_sum += loss.double()
+                correct += hits
+                counted += units
     finally:
         model.train(was_training)
-    return EvalResult(float(loss_sum.item()) / n, int(correct.item()) / n, n)
+    total = int(counted.item())
+    if not total:
+        return EvalResult(math.nan, math.nan, n)
+    return EvalResult(float(loss_sum.item()) / total, int(correct.item()) / total, n)
 
 
 def load_weights_(model: nn.Module, state: Mapping[str, np.ndarray | torch.Tensor]) -> None:
