@@ -1,4 +1,4 @@
-"""The ``fedopt`` command line: run, compare, partitions, report, list, privacy, expert, reference.
+"""The ``fedopt`` command line: run, compare, pretrain, partitions, report, list, privacy, ....
 
 Bad input (a ConfigError) prints one line naming the key, the value and what
 is allowed, and exits with status 2, without a traceback. A run that fails
@@ -8,6 +8,7 @@ after starting exits with status 1 and keeps what it wrote.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,11 +51,57 @@ def _progress(console: Console, total: int) -> tuple[Progress, Any]:
     return bar, on_row
 
 
+def _advance(bar: Progress, task: Any, step: int, _total: int) -> None:
+    bar.update(task, completed=step)
+
+
+def _warm(scenarios: Sequence[Any], console: Console) -> None:
+    """Make sure the warm-start checkpoint of every scenario with ``[pretrain]`` is cached."""
+    from fedopt.pretrain import warm_start, warm_start_key
+
+    seen: set[str] = set()
+    for scenario in scenarios:
+        if "pretrain" not in scenario.extras or warm_start_key(scenario) in seen:
+            continue
+        seen.add(warm_start_key(scenario))
+        steps = scenario.extras["pretrain"].steps
+        bar = Progress(
+            TextColumn("[bold]pretrain"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        with bar:
+            task = bar.add_task("pretrain", total=steps)
+            ws = warm_start(scenario, on_step=functools.partial(_advance, bar, task))
+        m = ws.meta["metrics"]
+        console.print(
+            f"warm start {'(cached) ' if ws.cached else ''}{ws.path}: test perplexity "
+            f"{m['test_perplexity_before']:.2f} -> {m['test_perplexity_after']:.2f} after "
+            f"{steps} steps on {m['public_sequences']} public sequences ({m['seconds']:.0f}s)"
+        )
+
+
+def cmd_pretrain(args: argparse.Namespace, console: Console) -> int:
+    from fedopt.config import load_scenario
+
+    scenario = load_scenario(args.scenario, args.set)
+    if "pretrain" not in scenario.extras:
+        raise ConfigError(
+            "pretrain", "(missing)", "a [pretrain] section in the scenario (defaults: [pretrain])"
+        )
+    _warm([scenario], console)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from fedopt.config import load_scenario
     from fedopt.simulation import run
 
     scenario = load_scenario(args.scenario, args.set)
+    _warm([scenario], console)
     bar, on_row = _progress(console, scenario.run.rounds)
     with bar:
         result = run(scenario, out=args.out, ray_address=args.ray_address, on_row=on_row)
@@ -73,7 +120,9 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     from fedopt.compare import load_sweep, run_sweep
 
     sweep = load_sweep(args.sweep, args.set)
-    total = len(sweep.cells())
+    cells = sweep.cells()
+    total = len(cells)
+    _warm([c[3] for c in cells], console)
     console.print(
         f"{sweep.name}: {total} runs ({len(sweep.strategies)} strategies x "
         f"{len(sweep.settings)} settings x {len(sweep.seeds)} seeds)"
@@ -104,14 +153,15 @@ def cmd_partitions(args: argparse.Namespace, console: Console) -> int:
 
     scenario = load_scenario(args.scenario, args.set)
     task = build_task(scenario)
-    hist = label_histogram(task.data.train.y, list(task.parts), task.num_classes)
+    train = task.data.train
+    hist = label_histogram(train.labels, list(task.parts), train.num_labels)
     table = Table(
         title=f"{scenario.name}: {scenario.partition.name} partition of {scenario.data.name}"
     )
     table.add_column("client", justify="right")
     table.add_column("train", justify="right")
     table.add_column("test", justify="right")
-    for c in range(task.num_classes):
+    for c in range(hist.shape[1]):
         table.add_column(str(c), justify="right")
     for cid in range(task.num_clients):
         train, test = task.client_data(cid)
@@ -237,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="where to save the state_dict")
     ex.add_argument("--epochs", type=int, default=10)
     ex.set_defaults(fn=cmd_expert)
+
+    pt = sub.add_parser("pretrain", help="train (or find cached) a scenario's central warm start")
+    pt.add_argument("scenario")
+    pt.add_argument("--set", **sets)
+    pt.set_defaults(fn=cmd_pretrain)
 
     ref = sub.add_parser("reference", help="print the scenario reference (every key) as Markdown")
     ref.set_defaults(fn=cmd_reference)

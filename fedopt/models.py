@@ -4,6 +4,9 @@ Every model factory, built-in or user-written, has one calling convention::
 
     factory(input_shape: tuple[int, ...], num_classes: int, **params) -> torch.nn.Module
 
+A factory that also declares a ``text`` keyword receives the task's
+:class:`~fedopt.data.TextSpec` (task kind, vocabulary size, pad id), which is
+how text models (:mod:`fedopt.text.models`) size their embeddings and heads.
 Built-in factories are registered in :data:`fedopt.registry.MODELS` together
 with the frozen dataclass of their scenario parameters. A scenario may instead
 name a custom factory as ``"package.module:factory"``; :func:`build_model`
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import math
 import re
 import types
@@ -176,7 +180,18 @@ def is_custom_model(name: str) -> bool:
     return bool(_CUSTOM_NAME.match(name))
 
 
-def _registered(name: str, params: Any, input_shape: tuple[int, ...], num_classes: int) -> Any:
+def _with_text(factory: Any, kwargs: dict[str, Any], text: Any) -> dict[str, Any]:
+    """``kwargs`` plus ``text=`` for factories that declare a ``text`` keyword (text models)."""
+    try:
+        accepts = "text" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    return {**kwargs, "text": text} if accepts else kwargs
+
+
+def _registered(
+    name: str, params: Any, input_shape: tuple[int, ...], num_classes: int, text: Any
+) -> Any:
     """Call a registered factory with its params dataclass expanded to keywords."""
     try:
         entry = MODELS.get(name, key="model.name")
@@ -188,10 +203,13 @@ def _registered(name: str, params: Any, input_shape: tuple[int, ...], num_classe
         params = entry.params()
     elif isinstance(params, Mapping):
         params = params_mod.build(entry.params, params, "model")
-    return entry.obj(input_shape, num_classes, **dataclasses.asdict(params))
+    kwargs = _with_text(entry.obj, dataclasses.asdict(params), text)
+    return entry.obj(input_shape, num_classes, **kwargs)
 
 
-def _custom(name: str, params: Any, input_shape: tuple[int, ...], num_classes: int) -> Any:
+def _custom(
+    name: str, params: Any, input_shape: tuple[int, ...], num_classes: int, text: Any
+) -> Any:
     """Import ``"package.module:factory"`` and call it with ``params`` as keywords."""
     module_name, attr = name.split(":")
     if dataclasses.is_dataclass(params) and not isinstance(params, type):
@@ -215,7 +233,7 @@ def _custom(name: str, params: Any, input_shape: tuple[int, ...], num_classes: i
             f"a callable {_FACTORY_SIGNATURE}; module '{module_name}' has no callable '{attr}'",
         )
     try:
-        model = factory(input_shape, num_classes, **kwargs)
+        model = factory(input_shape, num_classes, **_with_text(factory, kwargs, text))
     except TypeError as err:
         given = ", ".join(sorted(kwargs)) or "none"
         raise ConfigError(
@@ -233,15 +251,22 @@ def _custom(name: str, params: Any, input_shape: tuple[int, ...], num_classes: i
     return model
 
 
-def _check_output(model: nn.Module, name: str, input_shape: tuple[int, ...], num_classes: int):
-    """Run a dummy batch of two through ``model`` and check the output shape."""
+def _check_output(
+    model: nn.Module, name: str, input_shape: tuple[int, ...], num_classes: int, text: Any
+) -> None:
+    """Run a dummy batch of two through ``model`` and check the output shape.
+
+    Text models get token ids (zeros) and, for language modelling, must give
+    one row of ``num_classes`` (vocabulary) logits per position.
+    """
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, *input_shape, device=device))
+            dtype = torch.float32 if text is None else torch.long
+            out = model(torch.zeros(2, *input_shape, device=device, dtype=dtype))
     except Exception as err:  # any forward failure is a config problem
         raise ConfigError(
             "model.name",
@@ -252,12 +277,14 @@ def _check_output(model: nn.Module, name: str, input_shape: tuple[int, ...], num
     finally:
         model.train(was_training)
     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-    if shape != (2, num_classes):
+    per_token = text is not None and text.kind == "lm"
+    want = (2, *input_shape, num_classes) if per_token else (2, num_classes)
+    if shape != want:
+        wanted = f"(batch, {', '.join(map(str, want[1:]))})"
         raise ConfigError(
             "model.name",
             name,
-            f"a model whose output for inputs of shape {input_shape} is "
-            f"(batch, {num_classes}); it gave {shape}",
+            f"a model whose output for inputs of shape {input_shape} is {wanted}; it gave {shape}",
         )
 
 
@@ -268,6 +295,7 @@ def build_model(
     input_shape: tuple[int, ...],
     num_classes: int,
     seed: int,
+    text: Any = None,
 ) -> nn.Module:
     """Build a model with deterministic initial weights and check its output shape.
 
@@ -285,6 +313,9 @@ def build_model(
         Number of output logits.
     seed : int
         Seed of the initial weights; the global torch RNG state is left untouched.
+    text : TextSpec, optional
+        The task's text description (token ids); handed to factories that take a
+        ``text`` keyword.
 
     Returns
     -------
@@ -301,6 +332,6 @@ def build_model(
     builder = _custom if is_custom_model(name) else _registered
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = builder(name, params, shape, num_classes)
-        _check_output(model, name, shape, num_classes)
+        model = builder(name, params, shape, num_classes, text)
+        _check_output(model, name, shape, num_classes, text)
     return model

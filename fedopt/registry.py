@@ -150,6 +150,8 @@ _BUILTIN_MODULES = (
     "fedopt.training",
     "fedopt.heterogeneity",
     "fedopt.curriculum",
+    "fedopt.text",
+    "fedopt.pretrain",
     "clients",
     "strategies",
 )

@@ -239,6 +239,9 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, extra: Mapping[str, Any] | N
         "bytes_total": down + up,
         "wall_time": _last(rows, "wall_time"),
     }
+    ppl = series(rows, "central_perplexity", x="central_perplexity")[1]
+    if ppl:  # language modelling
+        out.update(final_perplexity=ppl[-1], best_perplexity=min(ppl))
     out.update(extra or {})
     return out
 

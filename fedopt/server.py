@@ -76,6 +76,11 @@ def find_hook(strategy: Any, name: str) -> Any:
     return None
 
 
+def perplexity(loss: float) -> float:
+    """``exp(loss)`` of a mean token cross-entropy (inf past float range, nan stays nan)."""
+    return math.exp(loss) if loss < 709.0 else (loss if math.isnan(loss) else math.inf)
+
+
 def worst_fraction_mean(values: list[float], *, fraction: float = 0.1) -> float:
     """Mean of the lowest ``ceil(fraction * n)`` values (at least one)."""
     if not values:
@@ -122,6 +127,7 @@ class RoundDriver:
         if bind is not None:  # strategies that need the model's structure get the run's model
             bind(self.model)
         self.test = as_tensors(task.data.test, torch.device("cpu"))
+        self.per_token = self.test[1].ndim > 1  # language modelling: report perplexity too
         self.emit = emit
         self.bytes = ByteCounter()
         self.cum_bytes = 0
@@ -327,7 +333,10 @@ class RoundDriver:
         """The global model on the server's held-out test set."""
         load_weights_(self.model, arrays.to_torch_state_dict())
         res = evaluate(self.model, *self.test)
-        return {"central_loss": res.loss, "central_accuracy": res.accuracy}
+        row: Row = {"central_loss": res.loss, "central_accuracy": res.accuracy}
+        if self.per_token:
+            row["central_perplexity"] = perplexity(res.loss)
+        return row
 
     def federated_eval(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> Row:
         """The global model on the clients' test splits: weighted mean and worst 10%."""
@@ -351,6 +360,8 @@ class RoundDriver:
             fed_accuracy_worst10=worst_fraction_mean(acc, fraction=0.1),
             fed_clients=len(recs),
         )
+        if self.per_token:
+            out["fed_perplexity"] = perplexity(out["fed_loss"])
         return out
 
     def wait_for_nodes(self, grid: Grid, *, poll: float = 0.05) -> list[int]:

@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 from fedopt.config import Scenario
-from fedopt.data import Dataset, TaskData, load_task_data, partition_clients, split_client
+from fedopt.data import (
+    Dataset,
+    TaskData,
+    data_params,
+    load_task_data,
+    partition_clients,
+    split_client,
+)
 from fedopt.models import build_model
 from fedopt.registry import CLIENTS
 
@@ -64,7 +71,11 @@ class Task:
         return self.data.train.subset(train_idx), self.data.train.subset(test_idx)
 
     def new_model(self) -> nn.Module:
-        """A freshly initialised model (same weights for the same seed, everywhere)."""
+        """A freshly initialised model (same weights for the same seed, everywhere).
+
+        With a ``[pretrain]`` section the weights come from the cached warm start
+        (:mod:`fedopt.pretrain`); a local optimizer's ``prepare_model`` runs last.
+        """
         m = self.scenario.model
         model = build_model(
             m.name,
@@ -72,7 +83,12 @@ class Task:
             input_shape=self.input_shape,
             num_classes=self.num_classes,
             seed=self.scenario.run.seed,
+            text=self.data.train.text,
         )
+        if "pretrain" in self.scenario.extras:
+            from fedopt.pretrain import load_warm_start
+
+            load_warm_start(model, self.scenario)
         # A local optimizer may check or adapt the model every party uses (e.g. DP-SGD).
         client = CLIENTS.get(self.scenario.client.name, key="client.name").obj
         prepare = getattr(client, "prepare_model", None)
@@ -82,7 +98,9 @@ class Task:
 def build_task(scenario: Scenario) -> Task:
     """Load the dataset, partition it into clients and check the model against it."""
     d, p = scenario.data, scenario.partition
-    data = load_task_data(d.name, d.params, test_fraction=d.test_fraction, seed=scenario.run.seed)
+    data = load_task_data(
+        d.name, data_params(scenario), test_fraction=d.test_fraction, seed=scenario.run.seed
+    )
     parts = partition_clients(
         data.train, p.name, p.params, num_clients=p.num_clients, seed=scenario.run.seed
     )

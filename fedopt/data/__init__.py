@@ -4,6 +4,8 @@ from fedopt.data import builtin, files, images, partition
 from fedopt.data.core import (
     Dataset,
     TaskData,
+    TextSpec,
+    data_params,
     holdout,
     label_histogram,
     load_task_data,
@@ -15,6 +17,8 @@ from fedopt.data.core import (
 __all__ = [
     "Dataset",
     "TaskData",
+    "TextSpec",
+    "data_params",
     "builtin",
     "files",
     "holdout",

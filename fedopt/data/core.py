@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from fedopt.registry import DATASETS, PARTITIONERS, Entry
 
 __all__ = [
     "Dataset",
+    "TextSpec",
     "TaskData",
     "holdout",
     "label_histogram",
@@ -34,6 +35,30 @@ def seed32(seed: int) -> int:
 
 
 @dataclass(frozen=True)
+class TextSpec:
+    """What a token-id dataset is: its objective and its tokenizer's vocabulary.
+
+    Attributes
+    ----------
+    kind : {"lm", "classify"}
+        ``lm``: causal language modelling, ``y`` holds each position's next-token label
+        (:data:`~fedopt.training.IGNORE_INDEX` where nothing is predicted);
+        ``classify``: one label per sequence.
+    vocab_size : int
+        Token ids lie in ``[0, vocab_size)``.
+    pad_id : int
+        The id that fills sequences up to their length (masked from attention).
+    tokenizer : str
+        The tokenizer's description (``"bytes"``, a directory), part of cache keys.
+    """
+
+    kind: Literal["lm", "classify"]
+    vocab_size: int
+    pad_id: int
+    tokenizer: str = "bytes"
+
+
+@dataclass(frozen=True)
 class Dataset:
     """Examples of one task: features, integer labels and optional natural group ids.
 
@@ -41,14 +66,24 @@ class Dataset:
     ----------
     x : numpy.ndarray
         float32 features of shape ``(n, *input_shape)``; images are channel-first.
+        For text (``text`` set), int64 token ids of shape ``(n, seq_len)``.
     y : numpy.ndarray
-        int64 labels of shape ``(n,)`` in ``[0, num_classes)``.
+        int64 labels of shape ``(n,)`` in ``[0, num_classes)``; for language
+        modelling, next-token labels of shape ``(n, seq_len)`` (``-100``: not counted).
     num_classes : int
-        Number of classes of the task.
+        Number of classes of the task (the vocabulary size for language modelling).
     natural_id : numpy.ndarray or None
         Per-example group id (ints or strings), e.g. the user who wrote it.
     name : str
         What the examples are, for error messages (``"digits"``, ``"npz file a.npz"``).
+    text : TextSpec or None
+        Set for token-id datasets.
+    groups : numpy.ndarray or None
+        Per-example class in ``[0, num_groups)`` that label-based partitioners,
+        stratified splits and label plots use when ``y`` is not one label per
+        example (e.g. a docstring's module family for language modelling).
+    num_groups : int
+        Number of such classes.
     """
 
     x: np.ndarray
@@ -56,30 +91,61 @@ class Dataset:
     num_classes: int
     natural_id: np.ndarray | None = None
     name: str = ""
+    text: TextSpec | None = None
+    groups: np.ndarray | None = None
+    num_groups: int = 0
 
     def __post_init__(self) -> None:
-        x = np.asarray(self.x, dtype=np.float32)
+        x = np.asarray(self.x, dtype=np.float32 if self.text is None else np.int64)
         y = np.asarray(self.y, dtype=np.int64)
-        if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
+        per_token = self.text is not None and self.text.kind == "lm"
+        if x.ndim < 2 or y.ndim != (2 if per_token else 1) or len(x) != len(y):
+            want = "(n, seq_len)" if per_token else "(n,)"
             raise ValueError(
-                f"need x of shape (n, ...) and y of shape (n,), got {x.shape}, {y.shape}"
+                f"need x of shape (n, ...) and y of shape {want}, got {x.shape}, {y.shape}"
             )
-        if len(y) and (y.min() < 0 or y.max() >= self.num_classes):
+        counted = y[y != -100] if per_token else y
+        if counted.size and (counted.min() < 0 or counted.max() >= self.num_classes):
             raise ValueError(
-                f"labels must lie in [0, {self.num_classes}), got {y.min()}..{y.max()}"
+                f"labels must lie in [0, {self.num_classes}), got {counted.min()}..{counted.max()}"
+            )
+        if self.text is not None and x.size and (x.min() < 0 or x.max() >= self.text.vocab_size):
+            raise ValueError(
+                f"token ids must lie in [0, {self.text.vocab_size}), got {x.min()}..{x.max()}"
             )
         object.__setattr__(self, "x", x)
         object.__setattr__(self, "y", y)
-        if self.natural_id is not None:
-            ids = np.asarray(self.natural_id)
-            if ids.shape != y.shape:
-                raise ValueError(f"natural_id must have shape {y.shape}, got {ids.shape}")
-            object.__setattr__(self, "natural_id", ids)
+        for field in ("natural_id", "groups"):
+            value = getattr(self, field)
+            if value is not None:
+                ids = np.asarray(value)
+                if ids.shape != (len(y),):
+                    raise ValueError(f"{field} must have shape {(len(y),)}, got {ids.shape}")
+                object.__setattr__(self, field, ids)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one example."""
         return tuple(int(d) for d in self.x.shape[1:])
+
+    @property
+    def labels(self) -> np.ndarray:
+        """One class per example: ``y``, or ``groups`` when ``y`` holds token labels."""
+        if self.y.ndim == 1:
+            return self.y
+        if self.groups is None:
+            raise ConfigError(
+                "partition.name",
+                self.name or "this dataset",
+                "a partitioner that needs no class per example (iid, quantity, natural): "
+                "these examples have token labels and no groups",
+            )
+        return self.groups
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes of :attr:`labels`."""
+        return self.num_classes if self.y.ndim == 1 else self.num_groups
 
     def __len__(self) -> int:
         return int(len(self.y))
@@ -87,17 +153,31 @@ class Dataset:
     def subset(self, idx: np.ndarray) -> Dataset:
         """Return the examples at ``idx`` (same classes, ids and name)."""
         idx = np.asarray(idx, dtype=np.int64)
-        ids = None if self.natural_id is None else self.natural_id[idx]
-        return Dataset(self.x[idx], self.y[idx], self.num_classes, ids, self.name)
+
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[idx]
+
+        return dataclasses.replace(
+            self,
+            x=self.x[idx],
+            y=self.y[idx],
+            natural_id=pick(self.natural_id),
+            groups=pick(self.groups),
+        )
 
 
 @dataclass(frozen=True)
 class TaskData:
-    """A loaded task: the pool partitioned among clients and the central test set."""
+    """A loaded task: the pool partitioned among clients and the central test set.
+
+    ``public``, when a loader provides it, is data disjoint from both that a
+    central warm start may train on (``[pretrain]``).
+    """
 
     name: str
     train: Dataset
     test: Dataset
+    public: Dataset | None = None
 
 
 def _resolve(entry: Entry[Any], params: Any, where: str) -> Any:
@@ -139,10 +219,11 @@ def holdout(
             test_fraction,
             f"a fraction that leaves training examples among the {n} of {data.name or 'the data'}",
         )
-    counts = np.bincount(data.y, minlength=data.num_classes)
+    labels = data.labels
+    counts = np.bincount(labels, minlength=data.num_labels)
     present = int((counts > 0).sum())
     can_stratify = counts[counts > 0].min() >= 2 and min(n_test, n - n_test) >= present
-    strat = data.y if stratify and can_stratify else None
+    strat = labels if stratify and can_stratify else None
     tr, te = train_test_split(
         np.arange(n), test_size=test_fraction, random_state=seed32(seed), stratify=strat
     )
@@ -174,7 +255,18 @@ def load_task_data(name: str, params: Any, *, test_fraction: float, seed: int) -
     test = task.test if task.test.name else dataclasses.replace(task.test, name=name)
     if train.input_shape != test.input_shape or train.num_classes != test.num_classes:
         raise ValueError(f"dataset '{name}' returned train and test sets that do not match")
-    return TaskData(task.name, train, test)
+    return TaskData(task.name, train, test, task.public)
+
+
+def data_params(scenario: Any) -> Any:
+    """The scenario's dataset parameters, bound to the rest of the scenario.
+
+    A loader may carry a ``bind_scenario(params, scenario)`` attribute that
+    resolves parameters depending on other sections (a text dataset's
+    ``tokenizer = "auto"`` takes the tokenizer saved beside a local model).
+    """
+    bind = getattr(DATASETS.get(scenario.data.name, key="data.name").obj, "bind_scenario", None)
+    return scenario.data.params if bind is None else bind(scenario.data.params, scenario)
 
 
 def partition_clients(

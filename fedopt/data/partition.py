@@ -42,7 +42,8 @@ def _run(
     """
     import datasets
 
-    columns: dict[str, Any] = {"label": train.y, "index": np.arange(len(train), dtype=np.int64)}
+    index = np.arange(len(train), dtype=np.int64)
+    columns: dict[str, Any] = {"label": train.labels, "index": index}
     if train.natural_id is not None:
         columns["natural_id"] = train.natural_id
     table = datasets.Dataset.from_dict(columns)
@@ -149,7 +150,7 @@ def partition_pathological(
     """Pathological label skew (``PathologicalPartitioner``)."""
     from flwr_datasets.partitioner import PathologicalPartitioner
 
-    present = len(np.unique(train.y))
+    present = len(np.unique(train.labels))
     if not 1 <= params.classes_per_client <= present:
         raise ConfigError(
             "partition.classes_per_client",
