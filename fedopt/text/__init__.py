@@ -8,7 +8,8 @@ import os
 
 for _flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_flag] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no per-load warnings in run logs
 
-from fedopt.text import datasets, models  # noqa: E402  (registers after the flags are set)
+from fedopt.text import datasets, local, models  # noqa: E402  (registers after the flags)
 
-__all__ = ["datasets", "models"]
+__all__ = ["datasets", "local", "models"]

@@ -168,6 +168,7 @@ def hf(
     """Load the model in ``path`` with ``from_pretrained`` for ``text``'s task, offline."""
     import transformers as tf
 
+    tf.utils.logging.disable_progress_bar()
     spec = _need_text(text, "hf")
     where = Path(path).expanduser()
     if not (where / "config.json").is_file():
