@@ -147,9 +147,7 @@ def _train(scenario: Any, on_step: Callable[[int, int], None] | None) -> tuple[A
     x, y = torch.from_numpy(pub.x), torch.from_numpy(pub.y)
     xt, yt = torch.from_numpy(test.x), torch.from_numpy(test.y)
     before = evaluate(model, xt, yt, batch_size=256)
-    cfg = LocalTrainConfig(
-        steps=p.steps, batch_size=p.batch_size, optimizer=p.optimizer, lr=p.lr
-    )
+    cfg = LocalTrainConfig(steps=p.steps, batch_size=p.batch_size, optimizer=p.optimizer, lr=p.lr)
     started = time.perf_counter()
     res = train_local(
         model,
@@ -173,9 +171,7 @@ def _train(scenario: Any, on_step: Callable[[int, int], None] | None) -> tuple[A
     return model.state_dict(), metrics
 
 
-def warm_start(
-    scenario: Any, *, on_step: Callable[[int, int], None] | None = None
-) -> WarmStart:
+def warm_start(scenario: Any, *, on_step: Callable[[int, int], None] | None = None) -> WarmStart:
     """The scenario's warm-start checkpoint: from the cache, or trained now and cached.
 
     ``on_step(step, total)`` is called after each training step (progress bars).
