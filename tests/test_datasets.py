@@ -33,7 +33,9 @@ def test_registry_holds_every_builtin_and_file_loader():
         "hf",
         "mnist",
         "npz",
+        "stdlib_docs",
         "synthetic",
+        "text_files",
     ]
 
 
