@@ -191,3 +191,25 @@ def test_custom_model_from_a_user_module_runs_on_ray(tmp_path, monkeypatch):
     assert result.summary["status"] == "completed"
     assert load_scenario(result.run_dir / "scenario.toml").model.params["width"] == 12
     assert result.rows[-1]["central_accuracy"] > result.rows[0]["central_accuracy"]
+
+
+def test_lm_fedavg_warm_starts_and_lowers_perplexity_on_ray(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDOPT_CACHE", str(tmp_path / "cache"))  # a cold cache: pretrain here
+    sets = [
+        "pretrain.steps=60",
+        "data.seq_len=64",
+        "run.rounds=3",
+        "run.eval_every=1",
+        "run.clients_per_round=4",
+        "client.steps=10",
+        "client.lr=0.002",
+    ]
+    result = run(ROOT / "scenarios" / "lm_fedavg.toml", sets=sets, out=tmp_path / "runs")
+    rows = [
+        json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    ppl = [r["central_perplexity"] for r in rows]
+    assert len(ppl) == 4 and ppl[-1] < ppl[0] < 259  # below the byte vocabulary: warm-started
+    assert result.summary["final_perplexity"] == ppl[-1]
+    assert (result.run_dir / "perplexity_vs_round.png").stat().st_size > 0
+    assert len(list((tmp_path / "cache" / "pretrain").iterdir())) == 1
