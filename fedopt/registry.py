@@ -152,6 +152,7 @@ _BUILTIN_MODULES = (
     "fedopt.curriculum",
     "fedopt.text",
     "fedopt.pretrain",
+    "fedopt.faults",
     "clients",
     "strategies",
 )

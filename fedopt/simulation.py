@@ -31,6 +31,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedopt import ray_backend
 from fedopt.clientapp import make_client_app
 from fedopt.config import Scenario, load_scenario
 from fedopt.errors import ConfigError
@@ -266,6 +267,7 @@ def run_batch(
     env = {"RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0", "FLWR_TELEMETRY_ENABLED": "0"}
     saved_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    ray_backend.install()  # replace Ray workers that die instead of reusing them
     try:
         with quiet_engine(Path(run_dirs[0]) / "engine.log"):
             run_simulation(
