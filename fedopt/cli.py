@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -306,10 +307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.fn(args, console))
     except ConfigError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except FedoptError as e:
-        err.print(f"[red]run failed:[/red] {e}", highlight=False)
+        err.print(f"[red]run failed:[/red] {escape(str(e))}", highlight=False)
         return 1
     except KeyboardInterrupt:
         err.print("interrupted")

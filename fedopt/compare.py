@@ -126,7 +126,12 @@ def load_sweep(path: str | Path, sets: Sequence[str] = ()) -> Sweep:
     if "base" in raw:
         if not isinstance(raw["base"], str):
             raise ConfigError("base", raw["base"], "the path of a scenario file")
-        base = read_toml(path.parent / raw["base"])
+        try:
+            base = read_toml(path.parent / raw["base"])
+        except ConfigError as err:  # name the sweep's key, not the base file's
+            raise ConfigError("base", raw["base"], err.allowed) from None
+    if not isinstance(raw.get("scenario", {}), Mapping):
+        raise ConfigError("scenario", raw["scenario"], "a table of scenario keys ([scenario])")
     base = merge(base, raw.get("scenario", {}))
     base = apply_overrides(base, sets)
     seeds = raw.get("seeds", [0])

@@ -218,7 +218,7 @@ class Scenario:
 
     def fingerprint(self) -> str:
         """A short stable hash of the resolved scenario."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()  # TOML dates
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def replace(self, **sets: Any) -> Scenario:
@@ -283,10 +283,10 @@ def parse_scenario(raw: Mapping[str, Any]) -> Scenario:
     name = raw.get("name", "scenario")
     check(isinstance(name, str) and name.strip() != "", "name", name, "a non-empty string")
     check(
-        all(c.isalnum() or c in "-_." for c in name),
+        all(c.isalnum() or c in "-_." for c in name) and name.strip(".") != "",
         "name",
         name,
-        "letters, digits, '-', '_' and '.' (it names the run directory)",
+        "letters, digits, '-', '_' and '.', not only dots (it names the run directory)",
     )
     sections = {w: _parse_section(w, spec, raw.get(w, {})) for w, spec in _SPECS.items()}
     extras = {
@@ -332,7 +332,7 @@ def _cross_check(s: Scenario) -> None:
 def _parse_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):  # bad TOML, a 5000-digit integer, deep nesting
         return text
 
 
@@ -349,6 +349,15 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _copy_tables(value: Any) -> Any:
+    """Deep copy with plain dicts and lists (TOML dates and times pass through)."""
+    if isinstance(value, Mapping):
+        return {k: _copy_tables(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_copy_tables(v) for v in value]
+    return value
+
+
 def apply_overrides(raw: Mapping[str, Any], sets: Sequence[str]) -> dict[str, Any]:
     """Apply ``key=value`` strings (values in TOML syntax, bare words as strings).
 
@@ -357,7 +366,7 @@ def apply_overrides(raw: Mapping[str, Any], sets: Sequence[str]) -> dict[str, An
     >>> apply_overrides({"run": {"rounds": 5}}, ["run.rounds=2", "strategy.name=fedprox"])
     {'run': {'rounds': 2}, 'strategy': {'name': 'fedprox'}}
     """
-    out = json.loads(json.dumps(raw))
+    out = _copy_tables(raw)
     for item in sets:
         if "=" not in item:
             raise ConfigError("--set", item, "key=value, e.g. run.rounds=20")
@@ -367,14 +376,16 @@ def apply_overrides(raw: Mapping[str, Any], sets: Sequence[str]) -> dict[str, An
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file; a missing file or bad syntax is a :class:`ConfigError`."""
+    """Read a TOML file; a missing or unreadable file or bad syntax is a :class:`ConfigError`."""
     path = Path(path)
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError("scenario", str(path), "an existing TOML file") from None
-    except tomllib.TOMLDecodeError as err:
+    except OSError as err:  # a directory, no permission
+        raise ConfigError("scenario", str(path), f"a readable file ({err.strerror})") from None
+    except (ValueError, RecursionError) as err:  # bad syntax or UTF-8, huge integer, deep nesting
         raise ConfigError("scenario", str(path), f"valid TOML ({err})") from None
 
 

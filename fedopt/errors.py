@@ -19,6 +19,14 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _show(value: Any) -> str:
+    """``repr(value)``, or a placeholder for what Python will not print (a 5000-digit integer)."""
+    try:
+        return repr(value)
+    except (ValueError, RecursionError):
+        return f"<{type(value).__name__} too large to print>"
+
+
 class ConfigError(FedoptError, ValueError):
     """A scenario value, file or command-line input that cannot be used.
 
@@ -36,7 +44,9 @@ class ConfigError(FedoptError, ValueError):
         self.key = key
         self.value = value
         self.allowed = allowed
-        super().__init__(f"{key} = {value!r} is not allowed: {allowed}")
+        text = str(key)  # shown quoted when empty, padded or not printable: one line, always
+        shown = text if text and text.isprintable() and text == text.strip() else repr(text)
+        super().__init__(f"{shown} = {_show(value)} is not allowed: {allowed}")
 
 
 class RunError(FedoptError, RuntimeError):

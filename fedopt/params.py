@@ -46,9 +46,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin is Literal:
         if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
             return value
-        raise ConfigError(
-            key, value, describe_type(tp) + did_you_mean(str(value), map(str, get_args(tp)))
-        )
+        hint = did_you_mean(value, map(str, get_args(tp))) if isinstance(value, str) else ""
+        raise ConfigError(key, value, describe_type(tp) + hint)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
@@ -80,7 +79,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond the float range
+                raise bad from None
         raise bad
     if tp is str:
         if isinstance(value, str):
@@ -114,6 +116,8 @@ def build(cls: type, mapping: Mapping[str, Any] | None, where: str) -> Any:
         Unknown key (with did-you-mean), wrong type, a missing required key, or
         a value rejected by ``cls.__post_init__``.
     """
+    if mapping is not None and not isinstance(mapping, Mapping):
+        raise ConfigError(where, mapping, "a table of keys")
     mapping = dict(mapping or {})
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = get_type_hints(cls)
