@@ -8,5 +8,6 @@ from clients import (  # noqa: F401  (each import registers its clients)
     decentralized,
     dpsgd,
     fedhyper,
+    fedsvd,
     sgd,
 )

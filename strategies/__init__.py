@@ -11,5 +11,6 @@ from strategies import (  # noqa: F401  (each import registers its strategies)
     dp,
     fedfix,
     fedhyper,
+    fedsvd,
     flower,
 )
