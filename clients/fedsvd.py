@@ -18,11 +18,11 @@ from fedopt.lora import (
     LoraParams,
     adapter_state,
     inject_lora,
-    load_arrays_,
     set_trainable,
 )
 from fedopt.privacy.plan import DPSGDParams
 from fedopt.registry import CLIENTS, STRATEGIES
+from fedopt.training import load_weights_
 
 __all__ = ["LoraClient", "LoraDPSGDParams", "trained_factors"]
 
@@ -102,7 +102,7 @@ class LoraClient(DPSGDClient):
 
     def load_global(self, model: nn.Module, content: RecordDict) -> None:
         """Copy the arrays the server sent (the adapters) into the resident model."""
-        load_arrays_(model, content["arrays"])
+        load_weights_(model, content["arrays"], strict=False)
 
     def fit(self, job: ClientJob) -> ClientUpdate:
         set_trainable(job.model, self.trains)

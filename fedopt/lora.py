@@ -14,11 +14,9 @@ import hashlib
 import math
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -35,7 +33,6 @@ __all__ = [
     "factor_of",
     "inject_lora",
     "linear_layers",
-    "load_arrays_",
     "merge_adapters",
     "refactorize",
     "refactorize_full",
@@ -207,36 +204,6 @@ def adapter_state(model: nn.Module, factors: Iterable[str]) -> dict[str, torch.T
     """Detached copies of the model's adapter arrays of the given factors, by state_dict key."""
     wanted = set(factors)
     return {k: v.detach().clone() for k, v in model.state_dict().items() if factor_of(k) in wanted}
-
-
-def load_arrays_(model: nn.Module, arrays: Mapping[str, Any]) -> None:
-    """Copy the arrays of ``arrays`` (any subset of the state_dict) into the model, in place.
-
-    Raises
-    ------
-    ValueError
-        For a key the model does not have, or a shape that differs (naming them).
-    """
-    targets = model.state_dict()
-    unknown = [k for k in arrays if k not in targets]
-    if unknown:
-        raise ValueError(f"arrays the model does not have: {unknown}")
-    sources = {}
-    for key in arrays:
-        value = arrays[key]
-        value = value.numpy() if hasattr(value, "numpy") and not torch.is_tensor(value) else value
-        if isinstance(value, np.ndarray) and not value.flags.writeable:
-            value = value.copy()
-        source = torch.as_tensor(value)
-        if tuple(source.shape) != tuple(targets[key].shape):
-            raise ValueError(
-                f"array '{key}' has shape {tuple(source.shape)}, "
-                f"the model expects {tuple(targets[key].shape)}"
-            )
-        sources[key] = source
-    with torch.no_grad():
-        for key, source in sources.items():
-            targets[key].copy_(source)
 
 
 def refactorize(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

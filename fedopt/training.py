@@ -384,37 +384,46 @@ def evaluate(
     return EvalResult(float(loss_sum.item()) / total, int(correct.item()) / total, n)
 
 
-def load_weights_(model: nn.Module, state: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+def load_weights_(
+    model: nn.Module, state: Mapping[str, np.ndarray | torch.Tensor], *, strict: bool = True
+) -> None:
     """Copy ``state`` into the model's existing parameters and buffers, in place.
+
+    With ``strict`` (the default) ``state`` must hold every key of the model's
+    state_dict; without, any subset of them (e.g. a model's LoRA adapters).
+    Values may be torch tensors, numpy arrays or anything with ``.numpy()``
+    (Flower's ``Array``).
 
     Raises
     ------
     ValueError
         If the key sets differ (naming the missing and unexpected keys) or a
-        shape differs (naming the key).
+        shape differs (naming the key); nothing is copied then.
     """
     targets = model.state_dict()
-    missing = [k for k in targets if k not in state]
+    missing = [k for k in targets if k not in state] if strict else []
     unexpected = [k for k in state if k not in targets]
     if missing or unexpected:
         raise ValueError(
             f"weights do not match the model: missing keys {missing}, unexpected keys {unexpected}"
         )
     sources: dict[str, torch.Tensor] = {}
-    for key, target in targets.items():
+    for key in state:
         value = state[key]
+        if not isinstance(value, np.ndarray | torch.Tensor) and hasattr(value, "numpy"):
+            value = value.numpy()
         if isinstance(value, np.ndarray) and not value.flags.writeable:
             value = value.copy()
         source = torch.as_tensor(value)
-        if tuple(source.shape) != tuple(target.shape):
+        if tuple(source.shape) != tuple(targets[key].shape):
             raise ValueError(
                 f"weight '{key}' has shape {tuple(source.shape)}, "
-                f"the model expects {tuple(target.shape)}"
+                f"the model expects {tuple(targets[key].shape)}"
             )
         sources[key] = source
     with torch.no_grad():
-        for key, target in targets.items():
-            target.copy_(sources[key])
+        for key, source in sources.items():
+            targets[key].copy_(source)
 
 
 def get_weights(model: nn.Module) -> dict[str, np.ndarray]:
