@@ -8,6 +8,7 @@ from clients import (  # noqa: F401  (each import registers its clients)
     decentralized,
     dpsgd,
     fedhyper,
+    fedkseed,
     fedsvd,
     sgd,
 )

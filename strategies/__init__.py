@@ -11,6 +11,7 @@ from strategies import (  # noqa: F401  (each import registers its strategies)
     dp,
     fedfix,
     fedhyper,
+    fedkseed,
     fedsvd,
     flower,
 )
