@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,7 +33,7 @@ from fedopt.client import ClientAlgorithm, ClientJob, ClientUpdate
 from fedopt.errors import ConfigError
 from fedopt.params import check
 from fedopt.registry import CLIENTS
-from fedopt.training import LocalTrainConfig, objective
+from fedopt.training import LocalTrainConfig, objective, shuffled_batches
 
 __all__ = ["FedKSeedClient", "ZOParams", "ZOSGDClient", "zo_steps"]
 
@@ -98,17 +98,6 @@ class _Steps:
     peak_bytes: int | None = None
 
 
-def _passes(n: int, steps: int, batch_size: int, generator: torch.Generator) -> Iterator:
-    done = 0
-    while done < steps:
-        perm = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
-            if done == steps:
-                return
-            yield perm[start : start + batch_size]
-            done += 1
-
-
 def zo_steps(
     job: ClientJob,
     params: ZOParams,
@@ -132,7 +121,9 @@ def zo_steps(
     """
     model = job.model
     cfg = LocalTrainConfig(steps=len(seeds), batch_size=params.batch_size)
-    batches = job.batches(cfg) or _passes(len(job.x), len(seeds), cfg.batch_size, job.generator)
+    batches = job.batches(cfg) or shuffled_batches(
+        len(job.x), cfg.batch_size, len(seeds), job.generator, job.x.device
+    )
     pert = zo.Perturbation(model, noise)
     grads: list[float | None] = []
     losses: list[float] = []

@@ -33,6 +33,7 @@ __all__ = [
     "objective",
     "per_example_loss",
     "sample_mean_loss",
+    "shuffled_batches",
     "train_local",
 ]
 
@@ -220,7 +221,7 @@ def per_example_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return tokens.sum(dim=tuple(range(1, y.ndim))) / counts.clamp(min=1)
 
 
-def _batches(
+def shuffled_batches(
     n: int, batch_size: int, total_steps: int, generator: torch.Generator, device: torch.device
 ) -> Iterator[torch.Tensor]:
     """Yield ``total_steps`` index batches, drawing a fresh permutation at each pass."""
@@ -302,7 +303,7 @@ def train_local(
         optimizer = OPTIMIZERS.get(cfg.optimizer, key="optimizer").obj(trainable, cfg)
     anchors = [p.detach().clone() for p in trainable] if proximal_mu > 0 else []
     if batches is None:
-        batches = _batches(n, cfg.batch_size, cfg.total_steps(n), generator, x.device)
+        batches = shuffled_batches(n, cfg.batch_size, cfg.total_steps(n), generator, x.device)
 
     was_training = model.training
     model.train()

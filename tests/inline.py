@@ -53,15 +53,15 @@ class InlineGrid:
         return list(reversed(replies))
 
 
-def run_inline(scenario, run_dir=None):
-    """Run a scenario's rounds in-process; return (rows, driver)."""
+def run_inline(scenario, run_dir=None, *, grid_cls=InlineGrid):
+    """Run a scenario's rounds in-process; return (rows, driver, grid)."""
     from fedopt.clientapp import make_client_app
     from fedopt.server import RoundDriver
     from fedopt.task import build_task
 
     task = build_task(scenario)
     raw = scenario.to_dict()
-    grid = InlineGrid(make_client_app(lambda ctx: {"": raw}), task.num_clients)
+    grid = grid_cls(make_client_app(lambda ctx: {"": raw}), task.num_clients)
     rows = []
     driver = RoundDriver(task, emit=rows.append)
     driver.run(grid)

@@ -14,17 +14,15 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from inline import InlineGrid, scenario_with, set_task_identity, strip_wall
+from inline import InlineGrid, run_inline, scenario_with, set_task_identity, strip_wall
 from opacus.accountants import RDPAccountant
 
 from clients.fedsvd import LoraClient
 from fedopt.client import ClientJob, ClientState
-from fedopt.clientapp import make_client_app
 from fedopt.errors import ConfigError, RunError
 from fedopt.lora import adapter_pairs, factor_of, merge_adapters
 from fedopt.records import ByteCounter, SelectedGrid
 from fedopt.registry import STRATEGIES, load_builtins
-from fedopt.server import RoundDriver
 from fedopt.task import as_tensors, build_task
 
 load_builtins()
@@ -258,13 +256,8 @@ class RecordingGrid(InlineGrid):
 
 
 def run(scenario):
-    task = build_task(scenario)
-    raw = scenario.to_dict()
-    grid = RecordingGrid(make_client_app(lambda ctx: {"": raw}), task.num_clients)
-    rows = []
-    driver = RoundDriver(task, emit=rows.append)
-    driver.run(grid)
-    return rows, driver, grid, task
+    rows, driver, grid = run_inline(scenario, grid_cls=RecordingGrid)
+    return rows, driver, grid, driver.task
 
 
 @pytest.mark.parametrize(
