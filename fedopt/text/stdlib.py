@@ -121,7 +121,7 @@ def stdlib_docstrings() -> tuple[tuple[str, str], ...]:
         try:
             return tuple((m, t) for m, t in json.loads(path.read_text(encoding="utf-8")))
         except (ValueError, TypeError):
-            pass  # unreadable entry: rebuild it below
+            path.unlink(missing_ok=True)  # an unreadable entry is rebuilt below
     seen: set[tuple[str, str]] = set()
     docs = [d for d in _extract(root) if not (d in seen or seen.add(d))]
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(docs), encoding="utf-8"))
