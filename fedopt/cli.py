@@ -62,9 +62,10 @@ def _warm(scenarios: Sequence[Any], console: Console) -> None:
 
     seen: set[str] = set()
     for scenario in scenarios:
-        if "pretrain" not in scenario.extras or warm_start_key(scenario) in seen:
+        key = warm_start_key(scenario) if "pretrain" in scenario.extras else None
+        if key is None or key in seen:
             continue
-        seen.add(warm_start_key(scenario))
+        seen.add(key)
         steps = scenario.extras["pretrain"].steps
         bar = Progress(
             TextColumn("[bold]pretrain"),
