@@ -114,6 +114,10 @@ class StrategySection:
     params: Any = field(default_factory=reg.NoParams)
 
 
+#: Values of ``run.pack``.
+PACK_MODES = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class RunSection:
     """Rounds, sampling, evaluation, seeds and the resources of the simulation engine.
@@ -123,6 +127,16 @@ class RunSection:
     ``num_cpus`` and ``num_gpus`` are the Ray resources of one client; a GPU
     fraction below 1 lets several clients share a GPU. ``workers`` caps the
     number of concurrent client workers of a local Ray (default: one per core).
+
+    ``pack`` packs virtual clients: ``"on"`` runs the federation on
+    ``pack_nodes`` Flower nodes (default: one per Ray worker), each hosting
+    the clients ``cid % pack_nodes`` and training its selected ones back to
+    back from one message per round; ``"off"`` gives every client its own
+    node and message (per-client fidelity: a dying worker loses one client,
+    not a pack); ``"auto"`` packs when there are more clients than nodes and
+    no worker crashes are injected. Results are identical either way.
+    ``checkpoint_every`` writes a checkpoint every k rounds (0: only when the
+    run is stopped by Ctrl-C or SIGTERM).
     """
 
     rounds: int = 10
@@ -137,6 +151,9 @@ class RunSection:
     workers: int | None = None
     ray_address: str | None = None
     timeout: float = 3600.0
+    pack: str = "auto"
+    pack_nodes: int | None = None
+    checkpoint_every: int = 10
 
     def __post_init__(self) -> None:
         check(self.rounds >= 1, "rounds", self.rounds, "an integer >= 1")
@@ -153,6 +170,11 @@ class RunSection:
         check(self.timeout > 0, "timeout", self.timeout, "seconds > 0")
         w = self.workers
         check(w is None or w >= 1, "workers", w, "an integer >= 1 or omitted")
+        check(self.pack in PACK_MODES, "pack", self.pack, " | ".join(map(repr, PACK_MODES)))
+        pn = self.pack_nodes
+        check(pn is None or pn >= 1, "pack_nodes", pn, "an integer >= 1 or omitted")
+        ce = self.checkpoint_every
+        check(ce >= 0, "checkpoint_every", ce, "an integer >= 0 (0: only on a stop signal)")
 
 
 @dataclass(frozen=True)

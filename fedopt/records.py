@@ -27,15 +27,32 @@ class ByteCounter:
 
     def __init__(self) -> None:
         self._cache: dict[int, tuple[Any, int]] = {}
+        self._by_layout: dict[tuple[Any, ...], int] = {}
 
     def record_size(self, key: str, record: Any) -> int:
-        """Serialised size of one ``key: record`` entry of a RecordDict."""
+        """Serialised size of one ``key: record`` entry of a RecordDict.
+
+        Protobuf sizes depend on the lengths of the bytes fields, not on their
+        contents, so array records with the same layout (keys, dtypes, shapes,
+        data lengths) share one measured size: each client's model update is
+        not serialised just to be counted.
+        """
         hit = self._cache.get(id(record))
         if hit is not None and hit[0] is record:
             return hit[1]
-        size = recorddict_to_proto(RecordDict({key: record})).ByteSize()
+        layout = None
         if isinstance(record, ArrayRecord):
+            layout = (
+                key,
+                *((k, a.dtype, tuple(a.shape), a.stype, len(a.data)) for k, a in record.items()),
+            )
+            size = self._by_layout.get(layout)
+            if size is not None:
+                return size
+        size = recorddict_to_proto(RecordDict({key: record})).ByteSize()
+        if layout is not None:
             self._cache[id(record)] = (record, size)
+            self._by_layout[layout] = size
         return size
 
     def content_size(self, content: RecordDict) -> int:

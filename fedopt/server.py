@@ -22,6 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedopt import codec
 from fedopt.clientapp import RESERVED_METRICS
 from fedopt.errors import DivergenceError, RunError
 from fedopt.heterogeneity import VirtualClock, availability, client_speeds
@@ -37,6 +38,7 @@ from fedopt.records import (
 from fedopt.registry import CLIENTS, STRATEGIES, WRAPPERS
 from fedopt.task import Task, as_tensors, derive_seed
 from fedopt.training import evaluate, load_weights_
+from fedopt.transport import Transport, pack_plan, virtual_node
 
 __all__ = ["RoundDriver", "build_strategy", "find_hook", "spread", "worst_fraction_mean"]
 
@@ -112,6 +114,7 @@ class RoundDriver:
         run_key: str = "",
         node_patience: float = 120.0,
     ) -> None:
+        codec.install()
         self.task = task
         self.node_patience = node_patience
         self.run_key = run_key
@@ -133,7 +136,8 @@ class RoundDriver:
         self.cum_bytes = 0
         self.client_devices: set[str] = set()
         self.select_bytes = [0, 0]
-        self._nodes: list[int] = []
+        self.layout = pack_plan(s, num_clients=task.num_clients)
+        self.transport: Transport | None = None
 
     # -- selection ------------------------------------------------------------------------
     def select(
@@ -178,39 +182,36 @@ class RoundDriver:
         return sorted(int(c) for c in rng.choice(n, size=k, replace=False))
 
     def node_of(self, cid: int) -> int:
-        """The Flower node that hosts virtual client ``cid``."""
-        return self._nodes[cid % len(self._nodes)]
+        """The node id strategies address client ``cid`` by (see :mod:`fedopt.transport`)."""
+        return virtual_node(cid)
 
     # -- messaging ------------------------------------------------------------------------
+    def client_content(self, template: Message, cid: int) -> RecordDict:
+        """A strategy's message content addressed to ``cid``: its id and run in the config."""
+        content = RecordDict(dict(template.content.items()))
+        config = ConfigRecord(dict(content.get("config", ConfigRecord()).items()))
+        config[CID_KEY] = cid
+        if self.run_key:
+            config[RUN_KEY] = self.run_key
+        content["config"] = config
+        return content
+
     def _exchange(
         self, grid: Grid, messages: list[Message], cids: list[int], msg_type: str
     ) -> tuple[list[tuple[int, Message]], dict[int, str], dict[int, int], dict[int, int]]:
         """Address one message per client, send them, and sort the replies by client."""
         by_node = {m.metadata.dst_node_id: m for m in messages}
-        out, down = [], {}
-        for cid in cids:
-            template = by_node[self.node_of(cid)]
-            content = RecordDict(dict(template.content.items()))
-            config = ConfigRecord(dict(content.get("config", ConfigRecord()).items()))
-            config[CID_KEY] = cid
-            if self.run_key:
-                config[RUN_KEY] = self.run_key
-            content["config"] = config
-            down[cid] = self.bytes.content_size(content)
-            out.append(
-                Message(content=content, dst_node_id=self.node_of(cid), message_type=msg_type)
-            )
-        node_to_cid = {self.node_of(c): c for c in cids}
-        replies = grid.send_and_receive(out, timeout=self.scenario.run.timeout)
+        contents = {cid: self.client_content(by_node[self.node_of(cid)], cid) for cid in cids}
+        down = {cid: self.bytes.content_size(c) for cid, c in contents.items()}
+        replies = self.transport.exchange(contents, msg_type, timeout=self.scenario.run.timeout)
         ok, failed, up = [], {}, {}
-        for reply in replies:
-            cid = node_to_cid[reply.metadata.src_node_id]
+        for cid, reply in replies.items():
             up[cid] = self.bytes.reply_size(reply)
             if reply.has_error():
                 failed[cid] = reply.error.reason
             else:
                 ok.append((cid, reply))
-        for cid in set(cids) - {c for c, _ in ok} - set(failed):
+        for cid in set(cids) - set(replies):
             failed[cid] = "no reply before the timeout"
         for cid, reason in sorted(failed.items()):
             log.warning("client %d dropped from round (%s): %s", cid, msg_type, reason)
@@ -365,33 +366,39 @@ class RoundDriver:
         return out
 
     def wait_for_nodes(self, grid: Grid, *, poll: float = 0.05) -> list[int]:
-        """The federation's node ids, once one node per client has connected.
+        """The federation's node ids, once the nodes the run needs have connected.
 
         The engine may start the ServerApp before it has registered every node.
+        A packed run needs ``pack_nodes`` nodes; an unpacked one, one per client.
 
         Raises
         ------
         RunError
-            Fewer nodes than clients once ``node_patience`` seconds have passed.
+            Too few nodes once ``node_patience`` seconds have passed.
         """
         deadline = time.monotonic() + min(self.node_patience, self.scenario.run.timeout)
-        need = self.task.num_clients
+        need = self.layout.nodes
         while True:
             nodes = sorted(grid.get_node_ids())
             if len(nodes) >= need:
                 return nodes
             if time.monotonic() > deadline:
+                what = "run.pack_nodes" if self.layout.packed else "partition.num_clients"
                 raise RunError(
-                    f"the federation has {len(nodes)} nodes but partition.num_clients = "
+                    f"the federation has {len(nodes)} nodes but {what} = "
                     f"{need}; start it with num-supernodes={need}"
                 )
             time.sleep(poll)
+
+    def connect(self, grid: Grid) -> None:
+        """Wait for the federation's nodes and open the transport to them."""
+        self.transport = Transport(grid, self.wait_for_nodes(grid), self.layout)
 
     # -- the whole run --------------------------------------------------------------------
     def run(self, grid: Grid) -> ArrayRecord:
         """Run every round; rows go to ``emit`` as they finish."""
         s = self.scenario
-        self._nodes = self.wait_for_nodes(grid)
+        self.connect(grid)
         t0 = time.perf_counter()
         arrays = ArrayRecord(self.model.state_dict())
         first: Row = {"round": 0, "sim_time": 0.0, "cum_bytes": 0}

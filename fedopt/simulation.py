@@ -31,7 +31,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedopt import ray_backend
+from fedopt import engine, ray_backend
 from fedopt.clientapp import make_client_app
 from fedopt.config import Scenario, load_scenario
 from fedopt.errors import ConfigError
@@ -39,6 +39,7 @@ from fedopt.registry import STRATEGIES
 from fedopt.report import MetricsLog, read_metrics, write_run_files
 from fedopt.server import RoundDriver
 from fedopt.task import Task, build_task
+from fedopt.transport import pack_plan
 
 __all__ = ["RunResult", "execute_run", "load_result", "make_run_dir", "run", "run_batch"]
 
@@ -227,9 +228,10 @@ def run_batch(
 ) -> list[RunResult]:
     """Run several scenarios one after another in ONE Flower simulation (one Ray start-up).
 
-    The federation has as many nodes as the largest run has clients; each
-    message names its run, so client workers build each run's task once and
-    keep every run's client state apart. Results are identical to running the
+    The federation has as many nodes as the largest run needs (one per
+    client, or ``run.pack_nodes`` when packed); each message names its run,
+    so client workers build each run's task once and keep every run's client
+    state apart. Results are identical to running the
     scenarios one by one. All runs must ask for the same client resources.
     ``tasks`` are the scenarios' already built tasks, when the caller has them.
     """
@@ -268,12 +270,16 @@ def run_batch(
     saved_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     ray_backend.install()  # replace Ray workers that die instead of reusing them
+    engine.install()  # event-driven dispatch instead of 0.1 s polling sweeps
     try:
         with quiet_engine(Path(run_dirs[0]) / "engine.log"):
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
-                num_supernodes=max(t.num_clients for t in tasks),
+                num_supernodes=max(
+                    pack_plan(sc, num_clients=t.num_clients).nodes
+                    for sc, t in zip(scenarios, tasks, strict=True)
+                ),
                 backend_name="ray",
                 backend_config=backend_config(scenarios[0]),
             )

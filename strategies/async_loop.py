@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
 from flwr.serverapp import Grid
 
 from fedopt.clientapp import RESERVED_METRICS
 from fedopt.errors import DivergenceError, RunError
 from fedopt.events import Aggregation, Timeline, VersionStore, planned_work
-from fedopt.records import CID_KEY, RUN_KEY, SelectedGrid, cast_like, non_finite_keys
+from fedopt.records import SelectedGrid, cast_like, non_finite_keys
 from fedopt.server import RoundDriver
 
 __all__ = ["VERSION_KEY", "AsyncDriver", "Contribution"]
@@ -36,8 +36,6 @@ log = logging.getLogger("fedopt")
 
 #: ConfigRecord key naming the global version a train message carries.
 VERSION_KEY = "model-version"
-#: Seconds between two polls of the grid while an update the clock needs is outstanding.
-_POLL = 0.005
 
 Row = dict[str, Any]
 
@@ -87,7 +85,7 @@ class AsyncDriver(RoundDriver):
         s, st = self.scenario, self.strategy
         if not callable(getattr(st, "aggregate_contributions", None)):
             raise RunError(f"strategy {s.strategy.name!r} cannot run on the asynchronous loop")
-        self._nodes = self.wait_for_nodes(grid)
+        self.connect(grid)
         m = self.task.num_clients
         sizes = np.array([len(self.task.client_data(c)[0]) for c in range(m)], dtype=np.float64)
         works = [planned_work(s.client.params, int(n)) for n in sizes]
@@ -104,8 +102,8 @@ class AsyncDriver(RoundDriver):
         self.versions = VersionStore()
         self.staleness = Counter()
         self.participations = Counter()
-        self._outstanding: dict[str, int] = {}
         self._arrived: dict[int, Message] = {}
+        self._tickets: list[str] = []
         self._down: dict[int, int] = {}
         self._pushed: dict[int, int] = {}
         self._acc: list[tuple[float, float]] = []
@@ -147,49 +145,33 @@ class AsyncDriver(RoundDriver):
         view = SelectedGrid(grid, [self.node_of(c) for c in send])
         templates = self.strategy.configure_train(version + 1, arrays, ConfigRecord(), view)
         by_node = {msg.metadata.dst_node_id: msg for msg in templates}
-        out = []
+        contents = {}
         for cid in send:
-            content = RecordDict(dict(by_node[self.node_of(cid)].content.items()))
-            config = ConfigRecord(dict(content.get("config", ConfigRecord()).items()))
-            config[CID_KEY] = cid
-            config[VERSION_KEY] = version
-            if self.run_key:
-                config[RUN_KEY] = self.run_key
-            content["config"] = config
+            content = self.client_content(by_node[self.node_of(cid)], cid)
+            content["config"][VERSION_KEY] = version
             self._down[cid] = self.bytes.content_size(content)
-            out.append(
-                Message(content, dst_node_id=self.node_of(cid), message_type=MessageType.TRAIN)
-            )
-        ids = list(grid.push_messages(out))
-        if len(ids) != len(out):
-            raise RunError(f"the grid accepted {len(ids)} of {len(out)} train messages")
-        for cid, msg_id in zip(send, ids, strict=True):
+            contents[cid] = content
+        self._tickets.extend(self.transport.push(contents, MessageType.TRAIN))
+        for cid in send:
             self.versions.acquire(version)
             self._pushed[cid] = version
-            self._outstanding[msg_id] = cid
         self._held_max = max(self._held_max, len(self.versions.held()))
 
     def _pull(self, grid: Grid, wanted: set[int], *, timeout: float) -> None:
-        """Pull replies until every client in ``wanted`` has one (or ``timeout`` passes)."""
-        deadline = time.monotonic() + timeout
-        while not wanted <= set(self._arrived):
-            got = list(grid.pull_messages(list(self._outstanding)))
-            for reply in got:
-                cid = self._outstanding.pop(reply.metadata.reply_to_message_id, None)
-                if cid is not None:
-                    self._arrived[cid] = reply
-            if wanted <= set(self._arrived) or time.monotonic() > deadline:
-                return
-            if not got:
-                time.sleep(_POLL)
+        """Collect replies until every client in ``wanted`` has one (or ``timeout`` passes)."""
+        need = wanted - set(self._arrived)
+        self._arrived.update(self.transport.pull(self._tickets, need, timeout=timeout))
+        self._tickets = [t for t in self._tickets if self.transport.in_flight([t])]
 
     def _drain(self, grid: Grid) -> None:
         """Wait for the updates still in flight, so no stale work outlives the run."""
-        self._pull(grid, set(self._outstanding.values()), timeout=self.scenario.run.timeout)
+        wanted = self.transport.in_flight(self._tickets)
+        self._pull(grid, wanted, timeout=self.scenario.run.timeout)
+        self.transport.forget(self._tickets)
+        self._tickets = []
         for cid in list(self._arrived):
             del self._arrived[cid]
             self.versions.release(self._pushed.pop(cid))
-        self._outstanding.clear()
 
     # -- one aggregation ------------------------------------------------------------------
     def _aggregate(self, grid: Grid, agg: Aggregation) -> tuple[ArrayRecord, Row]:

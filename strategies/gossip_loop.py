@@ -218,7 +218,7 @@ class DecentralizedDriver(RoundDriver):
         """Every round: relay, train, evaluate; then the final merge. Rows go to ``emit``."""
         s, p = self.scenario, self.params
         m, rounds = self.task.num_clients, s.run.rounds
-        self._nodes = self.wait_for_nodes(grid)
+        self.connect(grid)
         t0 = time.perf_counter()
         init = ArrayRecord(self.model.state_dict())
         first: Row = {"round": 0, "sim_time": 0.0, "cum_bytes": 0}

@@ -33,29 +33,81 @@ class InlineGrid:
             for i in range(num_nodes)
         }
         self.sent: list[Message] = []
+        self.received: list[Message] = []
         self.fail_nodes: set[int] = set()
+        self.fail_cids: set[int] = set()
+        self.pushed = 0
+        self._replies: dict[str, Message] = {}
 
     def get_node_ids(self):
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    @staticmethod
+    def _record(msg, into):
+        """Keep what each client was sent or answered (a pack's clients one by one)."""
+        from fedopt import transport
+        from fedopt.clientapp import with_content
+
+        if not msg.has_error() and transport.is_pack(msg.content):
+            parts = transport.unpack_content(msg.content).values()
+            into.extend(with_content(msg, c) for c in parts)
+        else:
+            into.append(msg)
+
+    def handle(self, msg):
+        """What the node answers (an error reply when it or one of ``fail_cids`` fails)."""
+        from flwr.app import ConfigRecord
+
+        from fedopt import transport
+        from fedopt.clientapp import with_content
+
+        failure = Message(Error(code=0, reason="injected failure"), reply_to=msg)
+        if msg.metadata.dst_node_id in self.fail_nodes:
+            return failure
+        config = msg.content.get("config")
+        if config is not None and int(config.get("cid", -1)) in self.fail_cids:
+            return failure
+        bad = []
+        if transport.is_pack(msg.content) and self.fail_cids:
+            parts = transport.unpack_content(msg.content)
+            bad = sorted(set(parts) & self.fail_cids)
+            keep = {c: v for c, v in parts.items() if c not in self.fail_cids}
+            msg = with_content(msg, transport.pack_content(keep))
+        try:
+            reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
+        except Exception as err:  # the engine turns a client exception into an error reply
+            return Message(Error(code=0, reason=repr(err)), reply_to=msg)
+        if bad:
+            errors = reply.content.get(transport.PACK_ERRORS_KEY, ConfigRecord())
+            for cid in bad:
+                errors[f"c{cid}"] = "injected failure"
+            reply.content[transport.PACK_ERRORS_KEY] = errors
+        return reply
+
+    def push_messages(self, messages):
+        ids = []
         for msg in messages:
-            self.sent.append(msg)
-            ctx = self.contexts[msg.metadata.dst_node_id]
-            if msg.metadata.dst_node_id in self.fail_nodes:
-                replies.append(Message(Error(code=0, reason="injected failure"), reply_to=msg))
-                continue
-            try:
-                replies.append(self.app(msg, ctx))
-            except Exception as err:  # the engine turns a client exception into an error reply
-                replies.append(Message(Error(code=0, reason=repr(err)), reply_to=msg))
-        return list(reversed(replies))
+            self.pushed += 1
+            msg_id = f"m{self.pushed}"
+            msg.metadata.__dict__["_message_id"] = msg_id
+            self._record(msg, self.sent)
+            self._replies[msg_id] = reply = self.handle(msg)
+            self._record(reply, self.received)
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        out = [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+        return list(reversed(out))
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
 
 
 def run_inline(scenario, run_dir=None, *, grid_cls=InlineGrid):
-    """Run a scenario's rounds in-process; return (rows, driver, grid)."""
+    """Run a scenario in-process with its strategy's driver; return (rows, driver, grid)."""
     from fedopt.clientapp import make_client_app
+    from fedopt.registry import STRATEGIES
     from fedopt.server import RoundDriver
     from fedopt.task import build_task
 
@@ -63,7 +115,8 @@ def run_inline(scenario, run_dir=None, *, grid_cls=InlineGrid):
     raw = scenario.to_dict()
     grid = grid_cls(make_client_app(lambda ctx: {"": raw}), task.num_clients)
     rows = []
-    driver = RoundDriver(task, emit=rows.append)
+    driver_cls = getattr(STRATEGIES.get(scenario.strategy.name).obj, "driver", RoundDriver)
+    driver = driver_cls(task, emit=rows.append)
     driver.run(grid)
     return rows, driver, grid
 

@@ -73,7 +73,7 @@ def run_dec(raw, *, run_key=""):
 
 
 def stored(driver, grid, cid, name=MODEL_RECORD):
-    ctx = grid.contexts[driver.node_of(cid)]
+    ctx = grid.contexts[driver.transport.node_of(cid)]
     return ClientState(ctx.state, cid).get(name)
 
 
@@ -150,7 +150,7 @@ def test_final_merge_of_identical_models_is_the_identity():
     for key, value in arrays.items():
         np.testing.assert_allclose(merged[key].numpy(), value.numpy(), rtol=1e-7, atol=0)
     grid = InlineGrid(make_client_app(lambda ctx: {"": scenario.to_dict()}), 4)
-    driver._nodes = sorted(grid.get_node_ids())
+    driver.connect(grid)
     out, down, up = driver.merge(grid, 3, _as_messages(replies), arrays, adopt=True)
     assert down > 0 and up > 0
     for cid in range(4):  # every node now holds the merged model

@@ -47,7 +47,7 @@ class PushPullGrid(InlineGrid):
         ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            self.sent.append(msg)
+            self._record(msg, self.sent)
             self.pending[msg.metadata.message_id] = msg
             ids.append(msg.metadata.message_id)
         return ids
@@ -55,7 +55,7 @@ class PushPullGrid(InlineGrid):
     def pull_messages(self, message_ids):
         ids = [i for i in message_ids if i in self.pending]
         self.rng.shuffle(ids)
-        return [self.send_and_receive([self.pending.pop(i)])[0] for i in ids[: self.per_pull]]
+        return [self.handle(self.pending.pop(i)) for i in ids[: self.per_pull]]
 
 
 def run_clock(s, *, order_seed=0, per_pull=3, on_row=None):

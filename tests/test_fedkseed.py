@@ -83,8 +83,12 @@ def run(run_key="", **sections):
 def client_states(grid, run_key=""):
     """(cid, version, model, acc) of every client that synced."""
     out = []
-    for i, ctx in enumerate(grid.contexts.values()):
-        state = ClientState(ctx.state, i, run_key=run_key)
+    hosts = [
+        (i, ClientState(ctx.state, i, run_key=run_key))
+        for i in range(len(grid.contexts))
+        for ctx in grid.contexts.values()
+    ]
+    for i, state in hosts:
         if state.get(STATE_SYNC) is None:
             continue
         out.append(

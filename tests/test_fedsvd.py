@@ -14,7 +14,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from inline import InlineGrid, run_inline, scenario_with, set_task_identity, strip_wall
+from inline import run_inline, scenario_with, set_task_identity, strip_wall
 from opacus.accountants import RDPAccountant
 
 from clients.fedsvd import LoraClient
@@ -244,19 +244,8 @@ def test_a_client_sending_a_factor_it_must_not_train_is_an_error():
 # -- whole runs ---------------------------------------------------------------------------------
 
 
-class RecordingGrid(InlineGrid):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.replies = []
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = super().send_and_receive(messages, timeout=timeout)
-        self.replies.extend(replies)
-        return replies
-
-
 def run(scenario):
-    rows, driver, grid = run_inline(scenario, grid_cls=RecordingGrid)
+    rows, driver, grid = run_inline(scenario)
     return rows, driver, grid, driver.task
 
 
@@ -277,9 +266,9 @@ def test_only_adapter_arrays_travel_and_the_bytes_show_it(name, down, up):
     expect_up = set().union(*(adapters[f] for f in up))
     assert len(grid.sent) == 2 * (4 + 4)  # train and evaluate, 4 clients, 2 rounds
     assert all(set(m.content["arrays"].keys()) == expect_down for m in grid.sent)
-    trained = [r for r in grid.replies if r.metadata.message_type == MessageType.TRAIN]
+    trained = [r for r in grid.received if r.metadata.message_type == MessageType.TRAIN]
     assert len(trained) == 8 and all(set(r.content["arrays"].keys()) == expect_up for r in trained)
-    evaluated = [r for r in grid.replies if r.metadata.message_type == MessageType.EVALUATE]
+    evaluated = [r for r in grid.received if r.metadata.message_type == MessageType.EVALUATE]
     assert len(evaluated) == 8 and all("arrays" not in r.content for r in evaluated)
     counter = ByteCounter()
     model_bytes = counter.record_size("arrays", full)

@@ -120,7 +120,7 @@ def test_failed_client_is_dropped_and_logged(caplog):
     grid = InlineGrid(make_client_app(lambda ctx: {"": raw}), 6)
     rows = []
     driver = RoundDriver(task, emit=rows.append)
-    grid.fail_nodes = {sorted(grid.get_node_ids())[2]}
+    grid.fail_cids = {2}
     with caplog.at_level(logging.WARNING, logger="fedopt"):
         driver.run(grid)
     assert rows[1]["failed_clients"] == [2] and rows[1]["clients"] == [0, 1, 3, 4, 5]
@@ -131,7 +131,7 @@ def test_too_few_replies_stop_the_run():
     s = scenario(run__min_replies=6, run__fed_eval_every=0)
     raw = s.to_dict()
     grid = InlineGrid(make_client_app(lambda ctx: {"": raw}), 6)
-    grid.fail_nodes = {sorted(grid.get_node_ids())[0]}
+    grid.fail_cids = {0}
     rows = []
     with pytest.raises(RunError, match="5 of 6 clients replied"):
         RoundDriver(build_task(s), emit=rows.append).run(grid)
@@ -151,7 +151,7 @@ def test_divergence_names_round_and_clients():
 
 
 def test_too_few_nodes_is_a_clear_error():
-    s = scenario()
+    s = scenario(run__pack="off")
     raw = s.to_dict()
     grid = InlineGrid(make_client_app(lambda ctx: {"": raw}), 4)
     with pytest.raises(RunError, match="num-supernodes=6"):
