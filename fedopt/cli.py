@@ -1,8 +1,13 @@
-"""The ``fedopt`` command line: run, compare, pretrain, partitions, report, list, privacy, ....
+"""The ``fedopt`` command line: run, resume, compare, pretrain, partitions, report, list, ....
 
 Bad input (a ConfigError) prints one line naming the key, the value and what
 is allowed, and exits with status 2, without a traceback. A run that fails
-after starting exits with status 1 and keeps what it wrote.
+after starting exits with status 1 and keeps what it wrote. A run stopped by
+Ctrl-C or SIGTERM writes a checkpoint, prints how to continue it
+(``fedopt resume RUN_DIR``) and exits with status 130. ``fedopt resume`` on a
+directory without a usable checkpoint is a failed run (status 1: there is
+nothing to continue); a scenario that changed since the checkpoint is bad
+input (status 2) unless ``--force``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedopt.errors import ConfigError, FedoptError
+from fedopt.errors import ConfigError, FedoptError, RunInterrupted
 
 __all__ = ["main"]
 
@@ -107,6 +112,11 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     bar, on_row = _progress(console, scenario.run.rounds)
     with bar:
         result = run(scenario, out=args.out, ray_address=args.ray_address, on_row=on_row)
+    _print_result(result, console)
+    return 0
+
+
+def _print_result(result: Any, console: Console) -> None:
     s = result.summary
     console.print(
         f"final accuracy {s.get('final_accuracy', float('nan')):.4f} "
@@ -115,6 +125,32 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         f"clients on {s.get('client_device')}"
     )
     console.print(f"run directory: {result.run_dir}")
+
+
+def cmd_resume(args: argparse.Namespace, console: Console) -> int:
+    from fedopt.resume import continue_run, plan_resume
+
+    plan = plan_resume(
+        args.run_dir,
+        sets=args.set,
+        scenario_path=args.scenario,
+        force=args.force,
+        ray_address=args.ray_address,
+    )
+    if plan.forced:
+        changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in plan.changed.items())
+        console.print(
+            f"resuming with a changed scenario (--force, recorded): {escape(changes)}",
+            soft_wrap=True,
+        )
+    console.print(f"resuming {plan.run_dir} after round {plan.checkpoint.round}", soft_wrap=True)
+    _warm([plan.scenario], console)
+    bar, on_row = _progress(console, plan.scenario.run.rounds)
+    if plan.rows:
+        on_row(plan.rows[-1])  # the bar starts where the checkpoint left off
+    with bar:
+        result = continue_run(plan, on_row=on_row)
+    _print_result(result, console)
     return 0
 
 
@@ -254,6 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
     r.set_defaults(fn=cmd_run)
 
+    rs = sub.add_parser("resume", help="continue a stopped run from its newest checkpoint")
+    rs.add_argument("run_dir")
+    rs.add_argument("--set", **sets)
+    rs.add_argument("--scenario", default=None, help="instead of RUN_DIR/scenario.toml")
+    rs.add_argument(
+        "--force", action="store_true", help="resume even if the scenario changed (recorded)"
+    )
+    rs.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
+    rs.set_defaults(fn=cmd_resume)
+
     c = sub.add_parser("compare", help="run a sweep: strategies x settings x seeds")
     c.add_argument("sweep")
     c.add_argument("--set", **sets)
@@ -307,11 +353,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     err = Console(stderr=True)
     try:
         return int(args.fn(args, console))
+    except RunInterrupted as e:
+        err.print(f"[yellow]{escape(str(e))}[/yellow]", highlight=False, soft_wrap=True)
+        return 130
     except ConfigError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except FedoptError as e:
-        err.print(f"[red]run failed:[/red] {escape(str(e))}", highlight=False)
+        err.print(f"[red]run failed:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -25,6 +25,7 @@ from fedopt.client import ClientJob, ClientState
 from fedopt.config import Scenario, parse_scenario
 from fedopt.records import RUN_KEY
 from fedopt.registry import CLIENT_MODS, CLIENTS
+from fedopt.resumable import client_state_mod
 from fedopt.task import Task, as_tensors, build_task, derive_seed
 from fedopt.training import evaluate
 
@@ -269,7 +270,7 @@ def make_client_app(resolve: Resolver) -> ClientApp:
     clients of one node, :mod:`fedopt.transport`) is served client by client.
     """
     holder = _RuntimeHolder(resolve)
-    app = ClientApp(mods=[unpack_mod, _scenario_mods(holder)])
+    app = ClientApp(mods=[unpack_mod, client_state_mod, _scenario_mods(holder)])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -6,7 +6,14 @@ import difflib
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["ConfigError", "DivergenceError", "FedoptError", "RunError", "did_you_mean"]
+__all__ = [
+    "ConfigError",
+    "DivergenceError",
+    "FedoptError",
+    "RunError",
+    "RunInterrupted",
+    "did_you_mean",
+]
 
 
 class FedoptError(Exception):
@@ -61,3 +68,29 @@ class DivergenceError(RunError):
         self.clients = sorted(clients)
         who = f" (clients {self.clients})" if self.clients else ""
         super().__init__(f"training diverged in round {round_}: non-finite {where}{who}")
+
+
+class RunInterrupted(RunError):  # noqa: N818 (a stop, not an error)
+    """A run stopped on request (Ctrl-C, SIGTERM) after writing a checkpoint; it can be resumed.
+
+    Parameters
+    ----------
+    round_ : int
+        The last round that finished (the checkpoint's round).
+    run_dir : path
+        The run directory to give ``fedopt resume``.
+    signal_name : str, optional
+        The signal that asked for the stop (``"SIGTERM"``), if one did.
+    """
+
+    def __init__(self, round_: int, run_dir: Any, signal_name: str | None = None) -> None:
+        self.round = round_
+        self.run_dir = run_dir
+        self.signal_name = signal_name
+        by = f" by {signal_name}" if signal_name else ""
+        super().__init__(
+            f"stopped{by} after round {round_}; continue with: fedopt resume {run_dir}"
+        )
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.round, self.run_dir, self.signal_name))

@@ -69,6 +69,8 @@ server_app = ServerApp()
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
     scenario = parse_scenario(scenario_mapping(context.run_config))
+    if scenario.run.pack == "auto":  # the federation's nodes are the user's: one per client
+        scenario = scenario.replace(**{"run.pack": "off"})
     task = build_task(scenario)
     run_dir = make_run_dir(output_root(context.run_config), scenario.name)
     write_scenario(run_dir, scenario)

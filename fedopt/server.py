@@ -22,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedopt import codec
+from fedopt import codec, resumable
 from fedopt.clientapp import RESERVED_METRICS
 from fedopt.errors import DivergenceError, RunError
 from fedopt.heterogeneity import VirtualClock, availability, client_speeds
@@ -36,6 +36,7 @@ from fedopt.records import (
     sorted_by_cid,
 )
 from fedopt.registry import CLIENTS, STRATEGIES, WRAPPERS
+from fedopt.resumable import Checkpointer
 from fedopt.task import Task, as_tensors, derive_seed
 from fedopt.training import evaluate, load_weights_
 from fedopt.transport import Transport, pack_plan, virtual_node
@@ -138,6 +139,9 @@ class RoundDriver:
         self.select_bytes = [0, 0]
         self.layout = pack_plan(s, num_clients=task.num_clients)
         self.transport: Transport | None = None
+        self.checkpointer: Checkpointer | None = None
+        self.restored: dict[str, Any] | None = None
+        self.loop: dict[str, Any] = {}
 
     # -- selection ------------------------------------------------------------------------
     def select(
@@ -392,21 +396,48 @@ class RoundDriver:
 
     def connect(self, grid: Grid) -> None:
         """Wait for the federation's nodes and open the transport to them."""
-        self.transport = Transport(grid, self.wait_for_nodes(grid), self.layout)
+        abort = self.checkpointer.aborting if self.checkpointer is not None else None
+        self.transport = Transport(grid, self.wait_for_nodes(grid), self.layout, abort=abort)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def start(self, grid: Grid) -> bool:
+        """Connect; for a resumed run, restore the checkpoint's state. True when resumed.
+
+        The driver's saved state replaces its fresh one (``self.loop`` says
+        where the loop stands), the server's random generators are reset, and
+        every client gets its saved ``Context.state`` back.
+        """
+        self.connect(grid)
+        if self.restored is None:
+            return False
+        payload, self.restored = self.restored, None
+        resumable.restore(self, payload["driver"])
+        resumable.set_rng_state(payload["rng"])
+        resumable.import_clients(self, payload["clients"])
+        return True
+
+    def end_round(self, round_: int, *, last: bool, **loop: Any) -> None:
+        """Record where the loop stands, then checkpoint (or stop) if it is time to."""
+        self.loop = loop
+        if self.checkpointer is not None:
+            self.checkpointer.after_round(self, round_, last=last)
 
     # -- the whole run --------------------------------------------------------------------
     def run(self, grid: Grid) -> ArrayRecord:
         """Run every round; rows go to ``emit`` as they finish."""
         s = self.scenario
-        self.connect(grid)
+        resumed = self.start(grid)
         t0 = time.perf_counter()
-        arrays = ArrayRecord(self.model.state_dict())
-        first: Row = {"round": 0, "sim_time": 0.0, "cum_bytes": 0}
-        if s.run.eval_every:
-            first.update(self.central_eval(arrays))
-        first["wall_time"] = time.perf_counter() - t0
-        self.emit(first)
-        for r in range(1, s.run.rounds + 1):
+        if resumed:
+            arrays, start = self.loop["arrays"], self.loop["next"]
+        else:
+            arrays, start = ArrayRecord(self.model.state_dict()), 1
+            first: Row = {"round": 0, "sim_time": 0.0, "cum_bytes": 0}
+            if s.run.eval_every:
+                first.update(self.central_eval(arrays))
+            first["wall_time"] = time.perf_counter() - t0
+            self.emit(first)
+        for r in range(start, s.run.rounds + 1):
             self.bytes.clear()
             arrays, row = self.train_round(grid, r, arrays)
             last = r == s.run.rounds
@@ -421,4 +452,5 @@ class RoundDriver:
             row["cum_bytes"] = self.cum_bytes
             row["wall_time"] = time.perf_counter() - t0
             self.emit(row)
+            self.end_round(r, last=last, next=r + 1, arrays=arrays)
         return arrays

@@ -32,11 +32,13 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedopt import engine, ray_backend
+from fedopt.checkpoint import Checkpoint, StopRequest, stop_on_signals
 from fedopt.clientapp import make_client_app
 from fedopt.config import Scenario, load_scenario
-from fedopt.errors import ConfigError
+from fedopt.errors import ConfigError, RunInterrupted
 from fedopt.registry import STRATEGIES
 from fedopt.report import MetricsLog, read_metrics, write_run_files
+from fedopt.resumable import Checkpointer
 from fedopt.server import RoundDriver
 from fedopt.task import Task, build_task
 from fedopt.transport import pack_plan
@@ -96,15 +98,19 @@ def execute_run(
     *,
     run_key: str = "",
     on_row: Callable[[Row], None] | None = None,
+    restore: Checkpoint | None = None,
+    stop: StopRequest | None = None,
 ) -> dict[str, Any]:
-    """The ServerApp body of one run: every round, streamed metrics, the run's files.
+    """The ServerApp body of one run: every round, streamed metrics, checkpoints, the run's files.
 
     The server loop is :class:`~fedopt.server.RoundDriver` unless the strategy's
     registered factory names another one in its ``driver`` attribute (a class
     with the same constructor, ``run(grid)`` and ``summary_extra()``), as
-    asynchronous or decentralized methods do.
+    asynchronous or decentralized methods do. ``restore`` continues from a
+    checkpoint (its rows are already in ``metrics.jsonl``); ``stop`` is the
+    request a signal sets to end the run after its round, with a checkpoint.
     """
-    rows: list[Row] = []
+    rows: list[Row] = list(restore.payload["rows"]) if restore is not None else []
     status = "completed"
     t0 = time.perf_counter()
     driver: RoundDriver | None = None
@@ -120,7 +126,12 @@ def execute_run(
             entry = STRATEGIES.get(task.scenario.strategy.name, key="strategy.name")
             driver_cls = getattr(entry.obj, "driver", RoundDriver)
             driver = driver_cls(task, emit=emit, run_key=run_key)
+            driver.checkpointer = Checkpointer(run_dir, rows, stop=stop)
+            driver.restored = restore.payload if restore is not None else None
             driver.run(grid)
+        except RunInterrupted as err:
+            status = f"interrupted: {err}"
+            raise
         except BaseException as err:
             status = f"failed: {err}"
             raise
@@ -146,8 +157,16 @@ def execute_run(
 
 @contextmanager
 def quiet_engine(log_path: Path) -> Iterator[None]:
-    """Send Flower's and fedopt's log records to ``log_path`` instead of the terminal."""
+    """Send Flower's and fedopt's log records to ``log_path`` instead of the terminal.
+
+    Warnings about stopping (a Ctrl-C or SIGTERM was received) still reach
+    the terminal.
+    """
     handler = logging.FileHandler(log_path)
+    shout = logging.StreamHandler()
+    shout.setLevel(logging.WARNING)
+    shout.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("fedopt.checkpoint").addHandler(shout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     saved = []
     for name in ("flwr", "fedopt", "ray"):
@@ -170,6 +189,7 @@ def quiet_engine(log_path: Path) -> Iterator[None]:
                 logger.addHandler(h)
             logger.propagate = propagate
             logger.setLevel(level)
+        logging.getLogger("fedopt.checkpoint").removeHandler(shout)
         handler.close()
 
 
@@ -225,6 +245,7 @@ def run_batch(
     on_row: Callable[[int, Row], None] | None = None,
     on_done: Callable[[int, RunResult], None] | None = None,
     tasks: Sequence[Task] | None = None,
+    restore: Sequence[Checkpoint | None] | None = None,
 ) -> list[RunResult]:
     """Run several scenarios one after another in ONE Flower simulation (one Ray start-up).
 
@@ -233,7 +254,10 @@ def run_batch(
     so client workers build each run's task once and keep every run's client
     state apart. Results are identical to running the
     scenarios one by one. All runs must ask for the same client resources.
-    ``tasks`` are the scenarios' already built tasks, when the caller has them.
+    ``tasks`` are the scenarios' already built tasks, when the caller has them;
+    ``restore`` gives a checkpoint to continue from per scenario (or None).
+    Ctrl-C or SIGTERM stops the run in progress after its round with a
+    checkpoint (:class:`~fedopt.errors.RunInterrupted`); a second one stops at once.
     """
     from flwr.simulation import run_simulation
 
@@ -249,6 +273,8 @@ def run_batch(
     raws = {k: sc.to_dict() for k, sc in zip(keys, scenarios, strict=True)}
     outcome: dict[str, BaseException] = {}
     results: list[RunResult] = []
+    restores = list(restore) if restore is not None else [None] * len(scenarios)
+    stop = StopRequest()
 
     server_app = ServerApp()
 
@@ -257,7 +283,15 @@ def run_batch(
         for i, (task, run_dir, key) in enumerate(zip(tasks, run_dirs, keys, strict=True)):
             row_cb = (lambda row, i=i: on_row(i, row)) if on_row is not None else None
             try:
-                execute_run(grid, task, Path(run_dir), run_key=key, on_row=row_cb)
+                execute_run(
+                    grid,
+                    task,
+                    Path(run_dir),
+                    run_key=key,
+                    on_row=row_cb,
+                    restore=restores[i],
+                    stop=stop,
+                )
             except BaseException as err:
                 outcome["error"] = err
                 return
@@ -272,7 +306,7 @@ def run_batch(
     ray_backend.install()  # replace Ray workers that die instead of reusing them
     engine.install()  # event-driven dispatch instead of 0.1 s polling sweeps
     try:
-        with quiet_engine(Path(run_dirs[0]) / "engine.log"):
+        with quiet_engine(Path(run_dirs[0]) / "engine.log"), stop_on_signals(stop):
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,

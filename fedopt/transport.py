@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 from fedopt.engine import reply_waiter
+from fedopt.errors import RunError
 
 __all__ = [
     "PACK_KEY",
@@ -142,10 +143,21 @@ class Transport:
         The federation's node ids, sorted.
     plan : PackPlan
         Whether to pack, and over how many of ``nodes``.
+    abort : callable, optional
+        Polled while waiting; when it returns True the wait ends with a RunError
+        (a second Ctrl-C: stop at once).
     """
 
-    def __init__(self, grid: Any, nodes: Sequence[int], plan: PackPlan) -> None:
+    def __init__(
+        self,
+        grid: Any,
+        nodes: Sequence[int],
+        plan: PackPlan,
+        *,
+        abort: Callable[[], bool] | None = None,
+    ) -> None:
         self.grid = grid
+        self.abort = abort
         self.plan = plan
         self.nodes = list(nodes)[: plan.nodes] if plan.packed else list(nodes)
         self._waiter = reply_waiter(grid)
@@ -220,6 +232,8 @@ class Transport:
             left = deadline - time.monotonic()
             if left <= 0:
                 return got
+            if self.abort is not None and self.abort():
+                raise RunError("stopped at once while waiting for client replies")
             self._waiter.wait(min(left, 1.0))
 
     def exchange(

@@ -85,7 +85,27 @@ class AsyncDriver(RoundDriver):
         s, st = self.scenario, self.strategy
         if not callable(getattr(st, "aggregate_contributions", None)):
             raise RunError(f"strategy {s.strategy.name!r} cannot run on the asynchronous loop")
-        self.connect(grid)
+        if self.start(grid):
+            t0 = time.perf_counter()
+        else:
+            t0 = self._begin(grid)
+        while True:
+            agg = self.timeline.peek()
+            pending = self.loop.get("pending")
+            if pending is not None:
+                self._finish(grid, *pending, last=agg is None, t0=t0)
+                self._checkpoint_point(grid, pending[0]["round"], last=agg is None)
+            if agg is None:
+                break
+            arrays, row = self._aggregate(grid, agg)
+            self.loop = {"pending": (row, arrays)}
+            self._dispatch(grid, list(agg.cids))
+        self._drain(grid)
+        return self.versions.get(self.versions.current)
+
+    def _begin(self, grid: Grid) -> float:
+        """Plan the clients' work, emit round 0 and dispatch every client; returns t0."""
+        s, st = self.scenario, self.strategy
         m = self.task.num_clients
         sizes = np.array([len(self.task.client_data(c)[0]) for c in range(m)], dtype=np.float64)
         works = [planned_work(s.client.params, int(n)) for n in sizes]
@@ -117,18 +137,20 @@ class AsyncDriver(RoundDriver):
         first["wall_time"] = time.perf_counter() - t0
         self.emit(first)
         self._dispatch(grid, list(range(m)))
-        pending: tuple[Row, ArrayRecord] | None = None
-        while True:
-            agg = self.timeline.peek()
-            if pending is not None:
-                self._finish(grid, *pending, last=agg is None, t0=t0)
-            if agg is None:
-                break
-            arrays, row = self._aggregate(grid, agg)
-            pending = (row, arrays)
-            self._dispatch(grid, list(agg.cids))
-        self._drain(grid)
-        return self.versions.get(self.versions.current)
+        self.loop = {}
+        return t0
+
+    def _checkpoint_point(self, grid: Grid, index: int, *, last: bool) -> None:
+        """Between aggregations; a checkpoint first collects the updates still in flight.
+
+        They are saved as arrived (not yet applied), with the clients' state
+        after their training, so a resumed run applies them unchanged.
+        """
+        cp = self.checkpointer
+        if cp is not None and cp.due(self.scenario, index, last=last):
+            wanted = self.transport.in_flight(self._tickets)
+            self._pull(grid, wanted, timeout=self.scenario.run.timeout)
+        self.end_round(index, last=last, pending=None)
 
     # -- messaging ------------------------------------------------------------------------
     def _dispatch(self, grid: Grid, cids: list[int]) -> None:

@@ -218,20 +218,24 @@ class DecentralizedDriver(RoundDriver):
         """Every round: relay, train, evaluate; then the final merge. Rows go to ``emit``."""
         s, p = self.scenario, self.params
         m, rounds = self.task.num_clients, s.run.rounds
-        self.connect(grid)
+        resumed = self.start(grid)
         t0 = time.perf_counter()
-        init = ArrayRecord(self.model.state_dict())
-        first: Row = {"round": 0, "sim_time": 0.0, "cum_bytes": 0}
-        if s.run.eval_every:
-            ev = self.central_eval(init)
-            first.update(ev, node_accuracy_mean=ev["central_accuracy"], consensus_distance=0.0)
-            first["merged_accuracy"] = ev["central_accuracy"]
-        first["wall_time"] = time.perf_counter() - t0
-        self.emit(first)
-        models = {k: init for k in range(m)}
-        w_prev = np.eye(m)
-        result = init
-        for t in range(1, rounds + 1):
+        if resumed:
+            init, models, w_prev = self.loop["init"], self.loop["models"], self.loop["w_prev"]
+            result, start = self.loop["result"], self.loop["next"]
+        else:
+            init = ArrayRecord(self.model.state_dict())
+            first: Row = {"round": 0, "sim_time": 0.0, "cum_bytes": 0}
+            if s.run.eval_every:
+                ev = self.central_eval(init)
+                first.update(ev, node_accuracy_mean=ev["central_accuracy"], consensus_distance=0.0)
+                first["merged_accuracy"] = ev["central_accuracy"]
+            first["wall_time"] = time.perf_counter() - t0
+            self.emit(first)
+            models = {k: init for k in range(m)}
+            w_prev = np.eye(m)
+            result, start = init, 1
+        for t in range(start, rounds + 1):
             self.bytes.clear()
             last = t == rounds
             w_next = self.plan.matrix(t, rounds) if not last else np.eye(m)
@@ -273,6 +277,9 @@ class DecentralizedDriver(RoundDriver):
             row["wall_time"] = time.perf_counter() - t0
             self.final = row
             self.emit(row)
+            self.end_round(
+                t, last=last, next=t + 1, init=init, models=models, w_prev=w_prev, result=result
+            )
         return result
 
     def summary_extra(self) -> Row:

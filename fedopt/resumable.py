@@ -1,0 +1,238 @@
+"""What a server loop puts in a checkpoint, and how a resumed loop gets it all back.
+
+A checkpoint (written by :func:`fedopt.checkpoint.save_checkpoint`) holds:
+
+- the driver's own state: every attribute of the server loop except what is
+  rebuilt from the scenario (task, transport, callbacks). That is the global
+  model, the strategy object whole (server momentum, FedHyper's rates,
+  FedKSeed's accumulators and history, FedSVD's factors, the DP wrapper's
+  accountant), the virtual clock, the asynchronous timeline with its
+  versions and the updates that arrived but are not applied yet, the
+  decentralized relay's models, the byte and metric counters, and where
+  the loop stands (:data:`LOOP_KEY`);
+- every client's ``Context.state`` (DP accountants, curriculum state, node
+  models, FedKSeed's replay state), exported by the clients themselves
+  through ``query`` messages (:func:`export_clients`), since the server
+  cannot read client memory, and imported the same way on resume; the
+  records are keyed by client, so a resumed run may pack its clients
+  differently;
+- the server process's random generators (Python, NumPy, torch);
+- the rows written so far, the scenario and its fingerprint.
+
+Checkpoint traffic is the simulator's, not the simulated protocol's: it is
+not counted in any byte metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedopt.checkpoint import save_checkpoint
+from fedopt.errors import RunError, RunInterrupted
+
+__all__ = [
+    "LOOP_KEY",
+    "Checkpointer",
+    "STATE_ACTION",
+    "capture",
+    "client_state_mod",
+    "export_clients",
+    "import_clients",
+    "restore",
+    "rng_state",
+    "set_rng_state",
+]
+
+log = logging.getLogger("fedopt")
+
+#: ConfigRecord key of a ``query`` message that exports or imports a client's state.
+STATE_ACTION = "fedopt-state"
+#: Driver attribute holding where the loop stands (next round and loop variables).
+LOOP_KEY = "loop"
+#: Driver attributes rebuilt from the scenario rather than saved.
+TRANSIENT = frozenset(
+    {
+        "task",
+        "scenario",
+        "emit",
+        "transport",
+        "layout",
+        "test",
+        "bytes",
+        "run_key",
+        "node_patience",
+        "checkpointer",
+        "stop",
+        "restored",
+    }
+)
+
+
+def rng_state() -> dict[str, Any]:
+    """The server process's global random generators."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def capture(driver: Any) -> bytes:
+    """The driver's state: its attributes except :data:`TRANSIENT` ones, serialised.
+
+    cloudpickle rather than pickle: strategies hold what plain pickle refuses
+    (read-only mappings of frozen parameters, functions defined in a factory).
+    One call serialises everything, so objects shared between the strategy
+    and the driver (the server model a strategy is bound to) stay shared.
+    """
+    return cloudpickle.dumps({k: v for k, v in vars(driver).items() if k not in TRANSIENT})
+
+
+def restore(driver: Any, state: bytes) -> None:
+    """Put a captured state back into a freshly built driver."""
+    vars(driver).update(cloudpickle.loads(state))
+
+
+# -- client state, through messages ------------------------------------------------------------
+def _prefix(run_key: str, cid: int) -> str:
+    return f"{run_key}/client{cid}/"
+
+
+def client_state_mod(msg: Message, context: Context, call_next: Any) -> Message:
+    """Client mod answering the server's state ``query`` messages; passes everything else on.
+
+    ``export`` replies with every record the client keeps in the node's
+    ``Context.state`` (named without the run and client prefix); ``import``
+    stores the records it carries.
+    """
+    config = msg.content.get("config")
+    if msg.metadata.message_type != MessageType.QUERY or config is None:
+        return call_next(msg, context)
+    action = config.get(STATE_ACTION)
+    if action is None:
+        return call_next(msg, context)
+    prefix = _prefix(str(config.get("run-key", "")), int(config["cid"]))
+    out = RecordDict()
+    if action == "export":
+        for key, record in context.state.items():
+            if key.startswith(prefix):
+                out[key[len(prefix) :]] = record
+    elif action == "import":
+        for key, record in msg.content.items():
+            if key != "config":
+                context.state[prefix + key] = record
+    else:
+        raise ValueError(f"unknown {STATE_ACTION} action {action!r}; known: export, import")
+    return Message(out, reply_to=msg)
+
+
+def _state_exchange(
+    driver: Any, contents: dict[int, RecordDict], action: str
+) -> dict[int, RecordDict]:
+    for cid, content in contents.items():
+        config = ConfigRecord({STATE_ACTION: action, "cid": cid})
+        if driver.run_key:
+            config["run-key"] = driver.run_key
+        content["config"] = config
+    replies = driver.transport.exchange(
+        contents, MessageType.QUERY, timeout=driver.scenario.run.timeout
+    )
+    failed = {
+        c: (r.error.reason if r.has_error() else "") for c, r in replies.items() if r.has_error()
+    }
+    failed.update({c: "no reply" for c in set(contents) - set(replies)})
+    if failed:
+        raise RunError(f"client state {action} failed for clients {sorted(failed)}: {failed}")
+    return {cid: replies[cid].content for cid in sorted(replies)}
+
+
+def export_clients(driver: Any) -> dict[int, RecordDict]:
+    """Every client's ``Context.state`` records, by client id."""
+    n = driver.task.num_clients
+    return _state_exchange(driver, {cid: RecordDict() for cid in range(n)}, "export")
+
+
+def import_clients(driver: Any, states: dict[int, RecordDict]) -> None:
+    """Give every client back the records :func:`export_clients` saved."""
+    contents = {
+        cid: RecordDict(dict(records.items())) for cid, records in states.items() if records
+    }
+    if contents:
+        _state_exchange(driver, contents, "import")
+
+
+class Checkpointer:
+    """Writes a run's checkpoints and turns a stop request into a clean stop.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run directory (checkpoints go to its ``checkpoints/`` folder).
+    rows : list
+        The rows emitted so far (the same list the run appends to).
+    stop : StopRequest, optional
+        Set by Ctrl-C / SIGTERM (:func:`fedopt.checkpoint.stop_on_signals`).
+    """
+
+    def __init__(self, run_dir: Path, rows: list[dict[str, Any]], *, stop: Any = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.rows = rows
+        self.stop = stop
+
+    def save(self, driver: Any, round_: int) -> Path:
+        """Write the checkpoint of ``driver`` after ``round_``."""
+        s = driver.scenario
+        payload = {
+            "format": 1,
+            "round": round_,
+            "fingerprint": s.fingerprint(),
+            "scenario": s.to_dict(),
+            "rows": list(self.rows),
+            "rng": rng_state(),
+            "driver": capture(driver),
+            "clients": export_clients(driver),
+        }
+        path = save_checkpoint(self.run_dir, payload, round_=round_)
+        log.info("checkpoint after round %d: %s", round_, path)
+        return path
+
+    def stopping(self) -> bool:
+        """True once a stop was requested."""
+        return self.stop is not None and self.stop.is_set()
+
+    def due(self, scenario: Any, round_: int, *, last: bool) -> bool:
+        """Whether a checkpoint is written after ``round_``: on the cadence or on a stop."""
+        every = scenario.run.checkpoint_every
+        return not last and (self.stopping() or bool(every and round_ % every == 0))
+
+    def after_round(self, driver: Any, round_: int, *, last: bool) -> None:
+        """Checkpoint every ``run.checkpoint_every`` rounds, or now if a stop was asked for.
+
+        Raises
+        ------
+        RunInterrupted
+            A stop was requested: the checkpoint is written and the run ends here.
+        """
+        if self.due(driver.scenario, round_, last=last):
+            self.save(driver, round_)
+            if self.stopping():
+                raise RunInterrupted(round_, self.run_dir, self.stop.signal_name)
+
+    def aborting(self) -> bool:
+        """True once a second signal asked to stop at once (waits give up)."""
+        return self.stop is not None and self.stop.is_hard()

@@ -1,0 +1,73 @@
+"""SIGTERM a `fedopt run` on Ray, `fedopt resume` it: the same metrics.jsonl and ε."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tomli_w
+from inline import strip_wall
+
+SCENARIO = {
+    "name": "resume_dp",
+    "data": {"name": "blobs", "num_examples": 600, "num_features": 8},
+    "partition": {"name": "dirichlet", "num_clients": 6, "test_fraction": 0.2},
+    "model": {"name": "mlp", "hidden": [16]},
+    "client": {"name": "dpsgd", "batch_size": 16, "lr": 0.3, "target_epsilon": 3.0},
+    "run": {"rounds": 40, "seed": 4, "workers": 2, "checkpoint_every": 0, "fed_eval_every": 10},
+}
+FEDOPT = str(Path(sys.executable).with_name("fedopt"))
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def only_dir(out):
+    (found,) = [p for p in out.glob("resume_dp/*") if p.is_dir()]
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_and_resume_reproduce_the_uninterrupted_run(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(tomli_w.dumps(SCENARIO))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    whole = subprocess.run(
+        [FEDOPT, "run", str(path), "--out", str(tmp_path / "whole")], env=env, capture_output=True
+    )
+    assert whole.returncode == 0, whole.stderr.decode()[-2000:]
+    cut = subprocess.Popen(
+        [FEDOPT, "run", str(path), "--out", str(tmp_path / "cut")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        found = list((tmp_path / "cut").glob("resume_dp/*/metrics.jsonl"))
+        if found and sum(1 for _ in found[0].open()) >= 3:  # rows of rounds 0, 1, 2
+            break
+        time.sleep(0.2)
+    cut.send_signal(signal.SIGTERM)
+    out, err = cut.communicate(timeout=300)
+    assert cut.returncode == 130, err.decode()[-2000:]
+    assert "fedopt resume" in (out + err).decode()
+    run_dir = only_dir(tmp_path / "cut")
+    assert len(rows(run_dir)) < SCENARIO["run"]["rounds"] + 1
+    again = subprocess.run([FEDOPT, "resume", str(run_dir)], env=env, capture_output=True)
+    assert again.returncode == 0, again.stderr.decode()[-2000:]
+    reference = rows(only_dir(tmp_path / "whole"))
+    assert strip_wall(rows(run_dir)) == strip_wall(reference)
+    final = json.loads((run_dir / "summary.json").read_text())
+    ref_final = json.loads((only_dir(tmp_path / "whole") / "summary.json").read_text())
+    assert final["clients_final"] == ref_final["clients_final"]  # every client's ε
+    assert reference[-1]["epsilon_max"] > 0
+    log = [json.loads(x) for x in (run_dir / "resumes.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and not log[0]["forced"]
