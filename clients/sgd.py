@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flwr.app import ArrayRecord
 
+from fedopt import vectorized
 from fedopt.client import ClientAlgorithm, ClientJob, ClientUpdate
 from fedopt.registry import CLIENTS
-from fedopt.training import LocalTrainConfig, train_local
+from fedopt.training import LocalTrainConfig, TrainResult, train_local
 
 __all__ = ["SGDClient", "round_config"]
 
@@ -48,12 +49,47 @@ class SGDClient(ClientAlgorithm):
             proximal_mu=mu,
             batches=job.batches(cfg),
         )
+        return self.update(job.model.state_dict(), res)
+
+    @staticmethod
+    def update(state: Mapping[str, Any], res: TrainResult) -> ClientUpdate:
+        """The reply of a client that trained to ``state`` with outcome ``res``."""
         return ClientUpdate(
-            arrays=ArrayRecord(job.model.state_dict()),
+            arrays=ArrayRecord(dict(state)),
             num_examples=res.num_examples,
             work=float(res.examples_processed),
             metrics={"train_loss": res.loss, "train_accuracy": res.accuracy, "steps": res.steps},
         )
+
+    def fit_many(
+        self, jobs: Sequence[ClientJob], starts: Sequence[Mapping[str, Any]]
+    ) -> list[ClientUpdate] | None:
+        """Train a pack's clients at once (:mod:`fedopt.vectorized`); None when it cannot.
+
+        ``starts`` are each client's starting weights (what :meth:`load_global` loaded).
+        """
+        model = jobs[0].model
+        cfgs = [round_config(self.params, j.config) for j in jobs]
+        if any(j.order is not None for j in jobs) or any(
+            vectorized.unsupported(model, c) for c in cfgs
+        ):
+            return None
+        pack = [
+            vectorized.PackJob(
+                x=j.x,
+                y=j.y,
+                cfg=cfg,
+                generator=j.generator,
+                start=dict(start),
+                proximal_mu=float(j.config.get("proximal-mu", 0.0)),
+            )
+            for j, cfg, start in zip(jobs, cfgs, starts, strict=True)
+        ]
+        keys = list(model.state_dict())
+        return [
+            self.update({k: w[k].detach() for k in keys}, res)
+            for w, res in vectorized.train_pack(model, pack)
+        ]
 
 
 CLIENTS.register("sgd", SGDClient, params=LocalTrainConfig)

@@ -19,6 +19,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
+from fedopt import codec
 from fedopt.training import LocalTrainConfig, load_weights_
 
 __all__ = ["ClientAlgorithm", "ClientJob", "ClientState", "ClientUpdate"]
@@ -153,7 +154,7 @@ class ClientAlgorithm(ABC):
 
     def load_global(self, model: nn.Module, content: RecordDict) -> None:
         """Load the server's arrays into the resident model, in place."""
-        load_weights_(model, content["arrays"].to_torch_state_dict())
+        load_weights_(model, codec.torch_state(content["arrays"]))
 
     @abstractmethod
     def fit(self, job: ClientJob) -> ClientUpdate:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedopt import codec, transport
@@ -90,8 +90,8 @@ class ClientRuntime:
     def _seed(self, server_round: int, cid: int, purpose: int) -> int:
         return derive_seed(self.scenario.run.seed, server_round, cid, purpose)
 
-    def train(self, msg: Message, context: Context) -> Message:
-        """Handle a ``train`` message."""
+    def _job(self, msg: Message, context: Context) -> ClientJob:
+        """The global weights loaded into the resident model, and the client's job."""
         cid = message_cid(msg, context)
         config = dict(msg.content.get("config", {}))
         server_round = int(config.get("server-round", 0))
@@ -102,7 +102,7 @@ class ClientRuntime:
             torch.cuda.manual_seed_all(seed)
         self.algorithm.load_global(self.model, msg.content)
         x, y, _, _ = self.tensors(cid)
-        job = ClientJob(
+        return ClientJob(
             cid=cid,
             server_round=server_round,
             model=self.model,
@@ -114,21 +114,46 @@ class ClientRuntime:
             generator=torch.Generator().manual_seed(seed),
             device=self.device,
         )
+
+    def _reply(self, msg: Message, job: ClientJob, update: Any, extra: Any = None) -> Message:
+        metrics = MetricRecord(
+            {
+                "num-examples": int(update.num_examples),
+                "cid": job.cid,
+                "work": float(update.work),
+                "cuda": int(self.device.type == "cuda"),
+                **{k: float(v) for k, v in update.metrics.items()},
+                **(extra or {}),
+            }
+        )
+        return Message(RecordDict({"arrays": update.arrays, "metrics": metrics}), reply_to=msg)
+
+    def train(self, msg: Message, context: Context) -> Message:
+        """Handle a ``train`` message."""
+        job = self._job(msg, context)
         order_metrics = self.data_order.prepare(job) if self.data_order is not None else {}
         update = self.algorithm.fit(job)
         if self.data_order is not None:
             self.data_order.finish(job, update)
-        metrics = MetricRecord(
-            {
-                "num-examples": int(update.num_examples),
-                "cid": cid,
-                "work": float(update.work),
-                "cuda": int(self.device.type == "cuda"),
-                **{k: float(v) for k, v in update.metrics.items()},
-                **order_metrics,
-            }
-        )
-        return Message(RecordDict({"arrays": update.arrays, "metrics": metrics}), reply_to=msg)
+        return self._reply(msg, job, update, order_metrics)
+
+    def train_many(self, msgs: list[Message], context: Context) -> list[Message] | None:
+        """Train a pack's clients at once when ``run.vectorize`` asks and the method can.
+
+        None means "one by one instead": the run did not ask, mods or a data
+        order must see each client, or the local optimizer has no batched path.
+        """
+        fit_many = getattr(self.algorithm, "fit_many", None)
+        if not self.scenario.run.vectorize or self.mods or self.data_order or fit_many is None:
+            return None
+        jobs, starts = [], []
+        for msg in msgs:
+            jobs.append(self._job(msg, context))
+            starts.append({k: p.detach().clone() for k, p in self.model.named_parameters()})
+        updates = fit_many(jobs, starts)
+        if updates is None:
+            return None
+        return [self._reply(m, j, u) for m, j, u in zip(msgs, jobs, updates, strict=True)]
 
     def query(self, msg: Message, context: Context) -> Message:
         """Handle a ``query`` message: this client's mean example score under the received model.
@@ -235,31 +260,47 @@ def with_content(msg: Message, content: RecordDict) -> Message:
     return out
 
 
-def unpack_mod(msg: Message, context: Context, call_next: Any) -> Message:
-    """Serve a packed message: each of its clients in turn through the rest of the app.
+def _pack_mod(holder: _RuntimeHolder) -> Any:
+    """The mod that serves a packed message: its clients in turn, or all at once.
 
     A client that raises is reported in the reply's error record, as Flower's
     engine would report it for an unpacked message; the others' replies are
     unaffected. All the clients share the node's ``Context`` (their state is
-    kept apart by :class:`~fedopt.client.ClientState`).
+    kept apart by :class:`~fedopt.client.ClientState`). A pack of ``train``
+    messages trains batched when the run asks for it (``run.vectorize``) and
+    its local optimizer can (:meth:`ClientRuntime.train_many`).
     """
-    if not transport.is_pack(msg.content):
-        return call_next(msg, context)
-    replies: dict[int, RecordDict] = {}
-    errors = ConfigRecord()
-    for cid, content in transport.unpack_content(msg.content).items():
-        try:
-            reply = call_next(with_content(msg, content), context)
-        except Exception as ex:  # one client's failure must not take its pack down
-            errors[f"c{cid}"] = f"{type(ex)}:<'{ex}'>"
-            continue
-        if reply.has_error():
-            errors[f"c{cid}"] = reply.error.reason
-        else:
-            replies[cid] = reply.content
-    out = transport.pack_content(replies)
-    out[transport.PACK_ERRORS_KEY] = errors
-    return Message(out, reply_to=msg)
+
+    def mod(msg: Message, context: Context, call_next: Any) -> Message:
+        if not transport.is_pack(msg.content):
+            return call_next(msg, context)
+        subs = {
+            cid: with_content(msg, content)
+            for cid, content in transport.unpack_content(msg.content).items()
+        }
+        replies: dict[int, RecordDict] = {}
+        errors = ConfigRecord()
+        batched = None
+        if msg.metadata.message_type == MessageType.TRAIN and subs:
+            first = next(iter(subs.values()))
+            batched = holder.get(first, context).train_many(list(subs.values()), context)
+        if batched is not None:
+            replies = {cid: r.content for cid, r in zip(subs, batched, strict=True)}
+        for cid, sub in subs.items() if batched is None else ():
+            try:
+                reply = call_next(sub, context)
+            except Exception as ex:  # one client's failure must not take its pack down
+                errors[f"c{cid}"] = f"{type(ex)}:<'{ex}'>"
+                continue
+            if reply.has_error():
+                errors[f"c{cid}"] = reply.error.reason
+            else:
+                replies[cid] = reply.content
+        out = transport.pack_content(replies)
+        out[transport.PACK_ERRORS_KEY] = errors
+        return Message(out, reply_to=msg)
+
+    return mod
 
 
 def make_client_app(resolve: Resolver) -> ClientApp:
@@ -270,7 +311,7 @@ def make_client_app(resolve: Resolver) -> ClientApp:
     clients of one node, :mod:`fedopt.transport`) is served client by client.
     """
     holder = _RuntimeHolder(resolve)
-    app = ClientApp(mods=[unpack_mod, client_state_mod, _scenario_mods(holder)])
+    app = ClientApp(mods=[_pack_mod(holder), client_state_mod, _scenario_mods(holder)])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -135,6 +135,9 @@ class RunSection:
     node and message (per-client fidelity: a dying worker loses one client,
     not a pack); ``"auto"`` packs when there are more clients than nodes and
     no worker crashes are injected. Results are identical either way.
+    ``vectorize`` trains a pack's clients at once (one batched step for all,
+    :mod:`fedopt.vectorized`) when the local optimizer can: the same
+    arithmetic batched, so results agree to float rounding but not bitwise.
     ``checkpoint_every`` writes a checkpoint every k rounds (0: only when the
     run is stopped by Ctrl-C or SIGTERM).
     """
@@ -153,6 +156,7 @@ class RunSection:
     timeout: float = 3600.0
     pack: str = "auto"
     pack_nodes: int | None = None
+    vectorize: bool = False
     checkpoint_every: int = 10
 
     def __post_init__(self) -> None:
