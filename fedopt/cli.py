@@ -361,6 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except FedoptError as e:
         err.print(f"[red]run failed:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        for note in getattr(e, "__notes__", []):
+            err.print(escape(note), highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -32,7 +32,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedopt import engine, ray_backend
-from fedopt.checkpoint import Checkpoint, StopRequest, stop_on_signals
+from fedopt.checkpoint import Checkpoint, StopRequest, latest_checkpoint, stop_on_signals
 from fedopt.clientapp import make_client_app
 from fedopt.config import Scenario, load_scenario
 from fedopt.errors import ConfigError, RunInterrupted
@@ -134,6 +134,12 @@ def execute_run(
             raise
         except BaseException as err:
             status = f"failed: {err}"
+            newest = latest_checkpoint(run_dir) if isinstance(err, Exception) else None
+            if newest is not None:
+                err.add_note(
+                    f"newest checkpoint: round {newest.round}; continue from it with: "
+                    f"fedopt resume {run_dir}"
+                )
             raise
         finally:
             s = task.scenario

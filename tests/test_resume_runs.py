@@ -123,3 +123,41 @@ def test_sections_resume_bitwise(tmp_path, section):
         execute(sc, tmp_path / "cut", stop_after=3)
     resumed = execute(sc, tmp_path / "cut", restore=latest_checkpoint(tmp_path / "cut"))
     assert strip_wall(resumed) == strip_wall(whole)
+
+
+class FailingFromRound3(InlineGrid):
+    """Every training message of round 3 and later fails (a federation that went away)."""
+
+    def handle(self, msg):
+        from fedopt import transport
+
+        parts = (
+            transport.unpack_content(msg.content).values()
+            if transport.is_pack(msg.content)
+            else [msg.content]
+        )
+        rounds = [int(p["config"].get("server-round", 0)) for p in parts if "config" in p]
+        if msg.metadata.message_type == "train" and max(rounds, default=0) >= 3:
+            return self.fail(msg)
+        return super().handle(msg)
+
+    def fail(self, msg):
+        from flwr.app import Error, Message
+
+        return Message(Error(code=0, reason="node lost"), reply_to=msg)
+
+
+def test_a_failed_run_names_its_newest_checkpoint(tmp_path):
+    from fedopt.errors import RunError
+    from fedopt.simulation import execute_run
+
+    sc = scenario_with(RAW, run__checkpoint_every=1, run__rounds=6)
+    clientapp._RESIDENT = clientapp._ResidentRuntime()
+    task = build_task(sc)
+    raw = sc.to_dict()
+    grid = FailingFromRound3(make_client_app(lambda ctx: {"": raw}), task.num_clients)
+    with pytest.raises(RunError, match="round 3: 0 of 4 clients replied") as info:
+        execute_run(grid, task, tmp_path)
+    assert latest_checkpoint(tmp_path).round == 2
+    assert f"round 2; continue from it with: fedopt resume {tmp_path}" in info.value.__notes__[0]
+    assert (tmp_path / "summary.json").exists()
