@@ -1,188 +1,320 @@
-"""Seconds per round of one FedAvg job three ways, measured in the same process run.
+"""Seconds per round of one FedAvg job against its bare floors and stock Flower, in one run.
 
-The job: an MLP 64-128-10, 64 examples per client, one local epoch of SGD
-(batch 32, lr 0.1), every client in every round, FedAvg.
+The job (bench/common.py): an MLP 64-128-10, 64 examples per client, one
+local epoch of SGD (batch 32, lr 0.1), every client in every round, FedAvg.
+For each number of clients N it is measured seven ways:
 
-1. floor:  a bare PyTorch loop in this process (load weights, train, average).
-2. flower: stock Flower 1.41 FedAvg on ``run_simulation`` (Ray backend), with a
-           ClientApp written the way Flower's examples write it (the model is
-           built and the client's data made inside the train function).
-3. fedopt: ``fedopt.run`` on the same job (Ray backend).
+- floor1:          a bare PyTorch loop in this process (load weights, train, average);
+- floor2:          the same loop on 2 persistent spawned worker processes (the
+                   strictest bare floor on 2 cores; each trains half the clients);
+- stock Flower:    Flower 1.41 FedAvg on ``run_simulation`` (Ray), example-style ClientApp;
+- fedopt:          ``fedopt.run`` on the same job (Ray), the scenario as written;
+- fedopt unpacked: the same with ``run.pack = "off"`` (one Flower node and message per client).
+- fedopt, batched packs: the same with ``run.vectorize = true`` (a pack's clients train at once).
 
-Engine start-up is excluded: the steady per-round time is the median of the
-round durations after the first round. Ratios, not seconds, are the result:
-these machines are noisy, so only numbers measured in the same run are compared.
+Two client-side costs are measured in the same run too:
 
-Usage: python bench/overhead.py [--clients 10 100] [--rounds 6]
+- DP-SGD:   the same fedopt job with the ``dpsgd`` client (Opacus: Poisson
+            sampling, per-sample clipping to C = 1, σ = 1, same batch, lr and
+            epoch) against the ``sgd`` client, N = 100, both through ``fedopt.run``;
+- FedKSeed: one client's local work with the ``fedkseed`` client (τ = 200
+            zeroth-order steps, batch 4, on the tiny Llama-style LM over stdlib
+            docstrings of scenarios/fedkseed.toml, randomly initialised) against
+            plain inference (forward passes under ``torch.no_grad``) over the same
+            batches, in this process.
+
+Every Ray run happens in a fresh spawned process (fedopt patches Flower's
+engine in the process it runs in, so stock Flower must never follow it in
+one). Engine start-up is excluded: a round's steady time is the median of the
+round durations after the first. Ratios, not seconds, are the result: these
+machines are noisy, so only numbers measured in the same run are compared.
+Progress goes to stderr, the table to stdout (and to ``--markdown`` PATH).
+
+Usage: python bench/overhead.py [--clients 10 100 1000] [--rounds R] [--skip-flower]
+       [--dp-clients 100] [--skip-dp] [--skip-fedkseed] [--markdown PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import os
+import platform
 import statistics
+import sys
 import tempfile
 import time
-import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+import common
 import torch
-from torch import nn
 
-FEATURES, HIDDEN, CLASSES, PER_CLIENT, BATCH, LR = 64, 128, 10, 64, 32, 0.1
-
-
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
-
-
-def client_data(cid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rng = np.random.default_rng(cid)
-    y = rng.integers(0, CLASSES, PER_CLIENT)
-    centers = np.random.default_rng(12345).normal(size=(CLASSES, FEATURES))
-    x = centers[y] + rng.normal(size=(PER_CLIENT, FEATURES))
-    return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.int64)
-
-
-def local_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    for i in range(0, len(x), BATCH):
-        idx = perm[i : i + BATCH]
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-
-
-def floor(n: int, rounds: int) -> list[float]:
-    """The compute floor: the same local training and averaging, no framework."""
-    model = make_model()
-    data = [client_data(c) for c in range(n)]
-    glob = {k: v.clone() for k, v in model.state_dict().items()}
-    times = []
-    for r in range(rounds):
-        t0 = time.perf_counter()
-        acc = {k: torch.zeros_like(v) for k, v in glob.items()}
-        for cid, (x, y) in enumerate(data):
-            model.load_state_dict(glob)
-            local_epoch(model, x, y, seed=r * 100003 + cid)
-            for k, v in model.state_dict().items():
-                acc[k] += v
-        glob = {k: v / n for k, v in acc.items()}
-        times.append(time.perf_counter() - t0)
-    return times
+#: Rounds per measurement when --rounds is not given: fewer where stock Flower is slow.
+DEFAULT_ROUNDS = {10: 8, 100: 6, 1000: 3}
+#: Goals: (job, measured, baseline) -> (N values, "le" | "ge", ratio).
+GOALS = {
+    ("fedavg", "fedopt", "floor2"): ((100, 1000), "le", 1.2),
+    ("fedavg", "fedopt, batched packs", "floor2"): ((100, 1000), "le", 1.2),
+    ("fedavg", "stock Flower", "fedopt"): ((1000,), "ge", 8.0),
+}
+LABELS = {
+    "floor1": "floor, 1 process",
+    "floor2": "floor, 2 processes",
+    "flower": "stock Flower",
+    "fedopt": "fedopt",
+    "unpacked": "fedopt unpacked",
+    "vectorized": "fedopt, batched packs",
+}
+#: The DP-SGD client of the DP row: fixed σ and C, the sgd client's batch, lr and epochs.
+DPSGD = {
+    "name": "dpsgd",
+    "epochs": 1,
+    "batch_size": common.BATCH,
+    "lr": common.LR,
+    "noise_multiplier": 1.0,
+    "max_grad_norm": 1.0,
+    "target_epsilon": 1e6,  # a cap no client reaches: every client trains every round
+}
+#: The FedKSeed measurement: scenarios/fedkseed.toml's data, model and client, no warm start.
+FEDKSEED = {
+    "name": "bench-fedkseed",
+    "data": {"name": "stdlib_docs", "task": "lm", "seq_len": 128, "min_module_docs": 20},
+    "partition": {"name": "natural", "num_clients": 59, "test_fraction": 0.1},
+    "model": {"name": "transformer", "arch": "llama", "size": "tiny"},
+    "client": {"name": "fedkseed", "steps": 200, "batch_size": 4, "lr": 1e-4, "eps": 5e-4},
+    "strategy": {"name": "fedkseed", "k": 1024},
+    "run": {"rounds": 1},
+}
 
 
-def flower(n: int, rounds: int) -> list[float]:
-    """Stock Flower: FedAvg.start on run_simulation, example-style ClientApp."""
-    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.serverapp.strategy import FedAvg
-    from flwr.simulation import run_simulation
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: a measurement against a baseline from the same run."""
 
-    stamps: list[float] = []
-    client = ClientApp()
+    job: str
+    n: str
+    measured: str
+    seconds: float | None
+    baseline: str
+    base_seconds: float | None
+    goal: tuple[tuple[int, ...], str, float] | None = None
 
-    @client.train()
-    def train(msg: Message, context: Context) -> Message:
-        model = make_model()
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        cid = int(context.node_config["partition-id"])
-        x, y = client_data(cid)
-        local_epoch(model, x, y, seed=int(msg.content["config"]["server-round"]) * 100003 + cid)
-        metrics = MetricRecord({"num-examples": len(x)})
-        return Message(
-            RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}),
-            reply_to=msg,
+    def cells(self) -> list[str]:
+        ok = self.seconds is not None and self.base_seconds is not None
+        ratio = self.seconds / self.base_seconds if ok else None
+        return [
+            self.job,
+            self.n,
+            self.measured,
+            _seconds(self.seconds),
+            self.baseline,
+            _seconds(self.base_seconds),
+            "n/a" if ratio is None else f"{ratio:.2f}x",
+            self.verdict(ratio),
+        ]
+
+    def verdict(self, ratio: float | None) -> str:
+        """``"≤ 1.2x: met"`` and the like where a goal applies at this N, else empty."""
+        if self.goal is None or int(self.n) not in self.goal[0]:
+            return ""
+        _, kind, bound = self.goal
+        sign, met = ("≤", ratio is not None and ratio <= bound)
+        if kind == "ge":
+            sign, met = ("≥", ratio is not None and ratio >= bound)
+        return f"{sign} {bound:g}x: " + ("n/a" if ratio is None else "met" if met else "missed")
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def say(text: str) -> None:
+    """A progress line (stderr)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def timed(label: str, fn: Callable[..., list[float] | None], *args: Any) -> float | None:
+    """Run one measurement; report and return its steady seconds per round (None: n/a)."""
+    t0 = time.perf_counter()
+    times = fn(*args)
+    if times is None:
+        say(f"  {label}: n/a (this fedopt does not know a run key it needs)")
+        return None
+    value = common.steady(times)
+    rounds = ", ".join(f"{t:.3f}" for t in times)
+    say(f"  {label}: {value:.4f} s/round (rounds: {rounds}; {time.perf_counter() - t0:.0f} s)")
+    return value
+
+
+def fedopt_times(n: int, rounds: int, out: Path, label: str, **kw: Any) -> float | None:
+    """A fedopt measurement in a fresh process; None when this fedopt lacks a ``run`` key."""
+    raw = common.fedopt_raw(n, rounds, **kw)
+    return timed(label, common.isolated, common.run_fedopt, raw, out)
+
+
+def fedavg_rows(n: int, rounds: int, out: Path, *, flower: bool) -> list[Row]:
+    """Every FedAvg measurement at ``n`` clients per round, as table rows."""
+    say(f"N = {n} clients per round, {rounds} rounds")
+    s: dict[str, float | None] = {
+        "floor1": timed(LABELS["floor1"], common.floor1, n, rounds),
+        "floor2": timed(LABELS["floor2"], common.floor2, n, rounds),
+        "flower": timed(LABELS["flower"], common.isolated, common.run_flower, n, rounds)
+        if flower
+        else None,
+        "fedopt": fedopt_times(n, rounds, out, LABELS["fedopt"]),
+        "unpacked": fedopt_times(n, rounds, out, LABELS["unpacked"], pack="off"),
+        "vectorized": fedopt_times(n, rounds, out, LABELS["vectorized"], vectorize=True),
+    }
+    pairs = [
+        ("floor2", "floor1"),
+        ("flower", "floor2"),
+        ("fedopt", "floor2"),
+        ("unpacked", "floor2"),
+        ("vectorized", "floor2"),
+        ("fedopt", "floor1"),
+        ("flower", "fedopt"),
+    ]
+    return [
+        Row(
+            "fedavg",
+            str(n),
+            LABELS[m],
+            s[m],
+            LABELS[b],
+            s[b],
+            GOALS.get(("fedavg", LABELS[m], b)),
+        )
+        for m, b in pairs
+        if flower or "flower" not in (m, b)
+    ]
+
+
+def dp_row(n: int, rounds: int, out: Path, sgd: float | None) -> Row:
+    """DP-SGD round against a non-private round, both fedopt at ``n`` clients."""
+    say(f"DP-SGD at N = {n}, {rounds} rounds")
+    if sgd is None:
+        sgd = fedopt_times(n, rounds, out, "fedopt sgd")
+    dp = fedopt_times(n, rounds, out, "fedopt dpsgd", client=DPSGD)
+    return Row("dpsgd", str(n), "fedopt, dpsgd client", dp, "fedopt, sgd client", sgd)
+
+
+def fedkseed_row(repeats: int = 5) -> Row:
+    """One FedKSeed client's local work against inference over the same batches (in-process)."""
+    from flwr.app import RecordDict
+
+    from fedopt import parse_scenario
+    from fedopt.client import ClientJob, ClientState
+    from fedopt.registry import CLIENTS
+    from fedopt.task import as_tensors, build_task
+    from fedopt.training import objective, shuffled_batches
+
+    say("FedKSeed local work vs inference (in-process)")
+    scenario = parse_scenario(FEDKSEED)
+    task = build_task(scenario)
+    params = scenario.client.params
+    algorithm = CLIENTS.get("fedkseed").obj(params, scenario=scenario)
+    model = task.new_model()
+    x, y = as_tensors(task.client_data(0)[0], torch.device("cpu"))
+    k = scenario.strategy.params.k
+
+    def job(seed: int) -> ClientJob:
+        return ClientJob(
+            cid=0,
+            server_round=1,
+            model=model,
+            x=x,
+            y=y,
+            config={},
+            content=RecordDict(),
+            state=ClientState(RecordDict(), 0),
+            generator=torch.Generator().manual_seed(seed),
+            device=torch.device("cpu"),
         )
 
-    server = ServerApp()
+    def fedkseed(seed: int) -> None:
+        algorithm.fit(job(seed))
 
-    @server.main()
-    def main(grid: Grid, context: Context) -> None:
-        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=n)
+    def inference(seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)  # the batches fit draws: seed picks, then batches
+        torch.randint(k, (params.steps,), generator=g)
+        model.eval()
+        with torch.no_grad():
+            for idx in shuffled_batches(len(x), params.batch_size, params.steps, g, x.device):
+                objective(model(x[idx]), y[idx].long())
 
-        def stamp(server_round: int, arrays: ArrayRecord) -> None:
-            stamps.append(time.perf_counter())
-
-        strategy.start(
-            grid, ArrayRecord(make_model().state_dict()), num_rounds=rounds, evaluate_fn=stamp
-        )
-
-    from fedopt.simulation import quiet_engine
-
-    with tempfile.TemporaryDirectory() as tmp, quiet_engine(Path(tmp) / "flower.log"):
-        run_simulation(
-            server_app=server,
-            client_app=client,
-            num_supernodes=n,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {
-                    "include_dashboard": False,
-                    "log_to_driver": False,
-                    "logging_level": logging.ERROR,
-                },
-            },
-        )
-    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-
-
-def fedopt_run(n: int, rounds: int, out: Path) -> list[float]:
-    """fedopt on the same job."""
-    from fedopt import parse_scenario, run
-
-    scenario = parse_scenario(
-        {
-            "name": f"overhead{n}",
-            "data": {
-                "name": "blobs",
-                "num_examples": n * PER_CLIENT * 5 // 4,
-                "num_features": FEATURES,
-                "num_classes": CLASSES,
-            },
-            "partition": {"name": "iid", "num_clients": n, "test_fraction": 0.0},
-            "model": {"name": "mlp", "hidden": [HIDDEN]},
-            "client": {"name": "sgd", "epochs": 1, "batch_size": BATCH, "lr": LR},
-            "run": {"rounds": rounds, "eval_every": 0, "fed_eval_every": 0},
-        }
+    fedkseed(0)  # first calls: lazy initialisation, the client's one-off model check
+    inference(0)
+    zo_times, inf_times = [], []
+    for seed in range(1, repeats + 1):  # interleaved, so that load from elsewhere hits both
+        for fn, times in ((fedkseed, zo_times), (inference, inf_times)):
+            t0 = time.perf_counter()
+            fn(seed)
+            times.append(time.perf_counter() - t0)
+    zo, inf = statistics.median(zo_times), statistics.median(inf_times)
+    say(f"  fedkseed {zo:.4f} s, inference {inf:.4f} s per client round ({len(x)} examples)")
+    return Row(
+        "fedkseed",
+        "1",
+        f"fedkseed local work, τ = {params.steps} (in-process)",
+        zo,
+        "inference, same batches (in-process)",
+        inf,
     )
-    result = run(scenario, out=out)
-    walls = [r["wall_time"] for r in result.rows]
-    return [b - a for a, b in zip(walls, walls[1:], strict=False)]
 
 
-def steady(times: list[float]) -> float:
-    return statistics.median(times[1:] if len(times) > 2 else times)
+def table(rows: list[Row]) -> str:
+    """The markdown table of every row."""
+    head = ["job", "N", "measured", "seconds", "baseline", "seconds", "ratio", "goal"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, nargs="+", default=[10, 100])
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--rounds", type=int, help="rounds per measurement (default 8/6/3)")
+    parser.add_argument("--skip-flower", action="store_true", help="no stock Flower runs")
+    parser.add_argument("--dp-clients", type=int, default=100, help="N of the DP-SGD row")
+    parser.add_argument("--skip-dp", action="store_true", help="no DP-SGD row")
+    parser.add_argument("--skip-fedkseed", action="store_true", help="no FedKSeed row")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    torch.set_num_threads(1)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+
+    def rounds(n: int) -> int:
+        if args.rounds is not None:
+            return args.rounds
+        return DEFAULT_ROUNDS.get(n, 3 if n >= 1000 else 6)
+
+    t0 = time.perf_counter()
+    rows: list[Row] = []
+    fedopt: dict[int, float | None] = {}
+    with common.quiet(), tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
         for n in args.clients:
-            f = steady(floor(n, args.rounds))
-            fl = steady(flower(n, args.rounds))
-            fo = steady(fedopt_run(n, args.rounds, Path(tmp)))
-            rows.append((n, f, fl, fo))
-            print(
-                f"N={n}: floor {f:.4f}s  flower {fl:.4f}s  fedopt {fo:.4f}s per round", flush=True
-            )
-    print()
-    head = ("clients/round", "floor s/round", "stock Flower s/round", "fedopt s/round")
-    print("| " + " | ".join((*head, "fedopt/floor", "Flower/fedopt")) + " |")
-    print("|---|---|---|---|---|---|")
-    for n, f, fl, fo in rows:
-        print(f"| {n} | {f:.4f} | {fl:.4f} | {fo:.4f} | {fo / f:.1f}x | {fl / fo:.2f}x |")
+            found = fedavg_rows(n, rounds(n), out, flower=not args.skip_flower)
+            fedopt[n] = next(r.seconds for r in found if r.measured == LABELS["fedopt"])
+            rows += found
+        if not args.skip_dp:
+            n = args.dp_clients
+            rows.append(dp_row(n, rounds(n), out, fedopt.get(n)))
+        if not args.skip_fedkseed:
+            rows.append(fedkseed_row())
+    say(f"done in {time.perf_counter() - t0:.0f} s")
+    text = "\n".join(
+        [
+            f"{os.cpu_count()} CPU cores, torch {torch.__version__} with 1 thread per process, "
+            f"Python {platform.python_version()}; seconds: steady s/round (median after round 1), "
+            "fedkseed: s per client round (median of 5)",
+            "",
+            table(rows),
+        ]
+    )
+    print(text, flush=True)
+    if args.markdown is not None:
+        args.markdown.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -202,6 +202,7 @@ class _ResidentRuntime:
     def __init__(self) -> None:
         self.runtime: ClientRuntime | None = None
         self.key: str | None = None
+        self.raw: Any = None
 
     def get(self, runs: Mapping[str, Mapping[str, Any]], msg: Message) -> ClientRuntime:
         run_key = message_run_key(msg)
@@ -210,6 +211,9 @@ class _ResidentRuntime:
                 raise KeyError(f"message for unknown run {run_key!r}; known: {sorted(runs)}")
             run_key = next(iter(runs))
         raw = runs[run_key]
+        if self.runtime is not None and raw is self.raw and run_key == self.runtime.run_key:
+            return self.runtime  # the same mapping as the last message's (a pack's clients)
+        self.raw = raw
         key = run_key + json.dumps(raw, sort_keys=True, default=str)
         if self.runtime is None or key != self.key:
             self.runtime = None
