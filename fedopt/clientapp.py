@@ -211,9 +211,9 @@ class _ResidentRuntime:
                 raise KeyError(f"message for unknown run {run_key!r}; known: {sorted(runs)}")
             run_key = next(iter(runs))
         raw = runs[run_key]
-        if self.runtime is not None and raw is self.raw and run_key == self.runtime.run_key:
-            return self.runtime  # the same mapping as the last message's (a pack's clients)
-        self.raw = raw
+        if self.runtime is not None and run_key == self.runtime.run_key and raw == self.raw:
+            return self.runtime  # the same scenario as the last message's (dict ==, no JSON)
+        self.raw = copy.deepcopy(raw)
         key = run_key + json.dumps(raw, sort_keys=True, default=str)
         if self.runtime is None or key != self.key:
             self.runtime = None
