@@ -67,12 +67,15 @@ class _LastState:
 
     def __init__(self) -> None:
         self.record: Any = None
+        self.data: tuple[bytes, ...] = ()
         self.state: dict[str, torch.Tensor] = {}
 
     def get(self, record: ArrayRecord) -> dict[str, torch.Tensor]:
-        if record is not self.record:
+        data = tuple(a.data for a in record.values())  # a record edited in place is new
+        same = record is self.record and len(data) == len(self.data)
+        if not (same and all(a is b for a, b in zip(data, self.data, strict=True))):
             self.state = record.to_torch_state_dict()
-            self.record = record
+            self.record, self.data = record, data
         return self.state
 
 

@@ -74,8 +74,10 @@ def default_pack_nodes(run: Any) -> int:
     """One node per Ray worker of a local Ray (cores / CPUs per client, capped by GPUs)."""
     if run.ray_address:
         return 8
-    workers = run.workers if run.workers is not None else max(1, (os.cpu_count() or 1))
-    workers = max(1, workers // run.num_cpus) if run.workers is None else workers
+    if run.workers is not None:
+        workers = run.workers
+    else:
+        workers = max(1, (os.cpu_count() or 1) // run.num_cpus)
     if run.num_gpus > 0:
         import torch
 

@@ -135,3 +135,21 @@ def scenario_with(raw, **sets):
 def strip_wall(rows):
     """Rows without wall-clock fields, for determinism comparisons."""
     return [{k: v for k, v in r.items() if not k.startswith("wall")} for r in rows]
+
+
+def method_raw(base, kind, name):
+    """``base`` running strategy or client ``name`` (``kind``) with the partner it requires.
+
+    Loops where every client trains every round (asynchronous, decentralized)
+    get no ``clients_per_round``.
+    """
+    from fedopt.registry import CLIENTS, STRATEGIES
+
+    registry = STRATEGIES if kind == "strategy" else CLIENTS
+    raw = {**base, **getattr(registry.get(name).obj, "requires", {})}
+    if not (kind == "client" and name == base.get("client", {}).get("name")):
+        raw[kind] = {"name": name}
+    strategy = raw.get("strategy", {}).get("name", "fedavg")
+    if getattr(STRATEGIES.get(strategy).obj, "driver", None):
+        raw["run"] = {k: v for k, v in base["run"].items() if k != "clients_per_round"}
+    return raw

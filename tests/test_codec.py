@@ -57,3 +57,13 @@ def test_a_foreign_header_goes_through_flowers_reader():
     odd = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=a.data[:-4])  # torn data
     with pytest.raises(ValueError):
         odd.numpy()
+
+
+def test_a_shared_record_is_decoded_once_and_an_edited_one_again():
+    from flwr.app import ArrayRecord
+
+    record = ArrayRecord([np.zeros(3, dtype=np.float32)])
+    first = codec.torch_state(record)
+    assert codec.torch_state(record) is first  # a pack's clients share one decode
+    record["0"] = Array(np.ones(3, dtype=np.float32))
+    assert codec.torch_state(record)["0"].tolist() == [1.0, 1.0, 1.0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
-from inline import run_inline, scenario_with, strip_wall
+from inline import method_raw, run_inline, scenario_with, strip_wall
 
 from fedopt import transport
 from fedopt.config import parse_scenario
@@ -36,15 +36,9 @@ CASES = [("strategy", n) for n in STRATEGIES.names()] + [("client", n) for n in 
 
 @pytest.mark.parametrize(("kind", "name"), CASES, ids=[f"{k}-{n}" for k, n in CASES])
 def test_every_strategy_and_client_is_bitwise_the_same_packed(kind, name):
-    raw = {**RAW, **getattr((STRATEGIES if kind == "strategy" else CLIENTS).get(name).obj,
-                            "requires", {})}  # fmt: skip
-    raw[kind] = {"name": name}
-    if kind == "client" and name == "sgd":
-        raw["client"] = RAW["client"]
-    if getattr(STRATEGIES.get(raw.get("strategy", {}).get("name", "fedavg")).obj, "driver", None):
-        # asynchronous and decentralized loops: every client, every round
-        raw["run"] = {k: v for k, v in RAW["run"].items() if k != "clients_per_round"}
-        raw["run"]["rounds"] = 4
+    raw = method_raw(RAW, kind, name)
+    if "clients_per_round" not in raw["run"]:
+        raw["run"] = {**raw["run"], "rounds": 4}
     off, on, grid = both(raw)
     assert strip_wall(off) == strip_wall(on)
     assert len(off) > 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from inline import InlineGrid, scenario_with, strip_wall
+from inline import InlineGrid, method_raw, scenario_with, strip_wall
 
 from fedopt import clientapp
 from fedopt.checkpoint import StopRequest, latest_checkpoint
@@ -55,14 +55,7 @@ def execute(scenario, run_dir, *, restore=None, stop_after=None, kill_after=None
 
 
 def raw_for(kind, name):
-    registry = STRATEGIES if kind == "strategy" else CLIENTS
-    raw = {**RAW, **getattr(registry.get(name).obj, "requires", {})}
-    if not (kind == "client" and name == "sgd"):
-        raw[kind] = {"name": name}
-    strategy = raw.get("strategy", {}).get("name", "fedavg")
-    if getattr(STRATEGIES.get(strategy).obj, "driver", None):
-        raw["run"] = {k: v for k, v in RAW["run"].items() if k != "clients_per_round"}
-    return raw
+    return method_raw(RAW, kind, name)
 
 
 CASES = [("strategy", n) for n in STRATEGIES.names()] + [("client", n) for n in CLIENTS.names()]
