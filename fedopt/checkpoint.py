@@ -42,7 +42,6 @@ import pickle
 import re
 import signal
 import struct
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,6 +51,7 @@ from typing import Any, BinaryIO
 
 from fedopt.errors import RunError
 from fedopt.params import check
+from fedopt.report import atomic_file
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -130,20 +130,12 @@ def save_checkpoint(run_dir: Path, payload: dict, *, round_: int, keep: int = 2)
     folder = Path(run_dir) / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"round-{round_:06d}.ckpt"
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(bytes(HEADER.size))  # a file cut short keeps a zero, invalid magic
-            body = _HashingWriter(fh)
-            pickle.dump(payload, body, protocol=5)
-            fh.seek(0)
-            fh.write(HEADER.pack(MAGIC, FORMAT_VERSION, round_, body.size, body.sha.digest()))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(final, "wb") as fh:
+        fh.write(bytes(HEADER.size))  # a file cut short keeps a zero, invalid magic
+        body = _HashingWriter(fh)
+        pickle.dump(payload, body, protocol=5)
+        fh.seek(0)
+        fh.write(HEADER.pack(MAGIC, FORMAT_VERSION, round_, body.size, body.sha.digest()))
     _fsync_dir(folder)
     _prune(folder, round_, keep)
     return final

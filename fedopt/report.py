@@ -15,10 +15,11 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 from fedopt.errors import ConfigError
 
@@ -246,21 +247,34 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, extra: Mapping[str, Any] | N
     return out
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` through a fsynced temp file in the same folder and ``os.replace``."""
+@contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """A file that replaces ``path`` only once the block has written it whole.
+
+    It is written beside ``path`` (a temp file in the same folder), flushed and
+    fsynced, then renamed over ``path``; if the block raises, the temp file is
+    removed and ``path`` is untouched. Never torn.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    text = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode, **text) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` through :func:`atomic_file`."""
+    with atomic_file(path) as fh:
+        fh.write(text)
+    return Path(path)
 
 
 def write_json_atomic(path: Path, obj: Any) -> Path:
