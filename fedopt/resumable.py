@@ -9,7 +9,7 @@ A checkpoint (written by :func:`fedopt.checkpoint.save_checkpoint`) holds:
   accountant), the virtual clock, the asynchronous timeline with its
   versions and the updates that arrived but are not applied yet, the
   decentralized relay's models, the byte and metric counters, and where
-  the loop stands (:data:`LOOP_KEY`);
+  the loop stands (the driver's ``loop`` attribute);
 - every client's ``Context.state`` (DP accountants, curriculum state, node
   models, FedKSeed's replay state), exported by the clients themselves
   through ``query`` messages (:func:`export_clients`), since the server
@@ -39,7 +39,6 @@ from fedopt.checkpoint import save_checkpoint
 from fedopt.errors import RunError, RunInterrupted
 
 __all__ = [
-    "LOOP_KEY",
     "Checkpointer",
     "STATE_ACTION",
     "capture",
@@ -55,8 +54,6 @@ log = logging.getLogger("fedopt")
 
 #: ConfigRecord key of a ``query`` message that exports or imports a client's state.
 STATE_ACTION = "fedopt-state"
-#: Driver attribute holding where the loop stands (next round and loop variables).
-LOOP_KEY = "loop"
 #: Driver attributes rebuilt from the scenario rather than saved.
 TRANSIENT = frozenset(
     {

@@ -57,11 +57,6 @@ def virtual_node(cid: int) -> int:
     return cid + 1
 
 
-def cid_of_virtual(node_id: int) -> int:
-    """The client of a virtual node id."""
-    return node_id - 1
-
-
 @dataclass(frozen=True)
 class PackPlan:
     """Whether a run packs its clients, and on how many Flower nodes."""
