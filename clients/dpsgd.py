@@ -20,7 +20,7 @@ from fedopt.privacy.plan import DPSGDParams, Ledger, local_plan, planned_partici
 from fedopt.registry import CLIENTS, OPTIMIZERS
 from fedopt.training import objective, sample_mean_loss
 
-__all__ = ["DPSGDClient", "opacus_model_errors"]
+__all__ = ["DPSGDClient", "opacus_model_errors", "released_train_metrics"]
 
 
 def opacus_model_errors(model: nn.Module) -> list[str]:
@@ -125,14 +125,13 @@ class DPSGDClient(ClientAlgorithm):
                     },
                 )
         loss, accuracy, steps, seen = (
-            _private_train(job, p, sigma=sigma, tau=tau) if n else (math.nan, math.nan, 0, 0)
+            _private_train(job, p, sigma=sigma, tau=tau) if n else (0.0, math.nan, 0, 0)
         )
         ledger.record(server_round=job.server_round, noise_multiplier=sigma, rate=q, steps=steps)
         job.state.set(Ledger.NAME, ledger.to_record())
         metrics = {
             **info,
-            "train_loss": loss,
-            "train_accuracy": accuracy,
+            **released_train_metrics(p, loss=loss, accuracy=accuracy),
             "steps": steps,
             "dp_steps": steps,
             "dp_steps_total": ledger.total_steps,
@@ -144,9 +143,23 @@ class DPSGDClient(ClientAlgorithm):
         return ClientUpdate(
             arrays=ArrayRecord(job.model.state_dict()),
             num_examples=n,
-            work=float(seen),
+            work=float(seen) if p.release_train_metrics else p.expected_work(n, steps=steps),
             metrics=metrics,
         )
+
+
+def released_train_metrics(p: DPSGDParams, *, loss: float, accuracy: float) -> dict[str, float]:
+    """The training statistics a DP-SGD reply carries.
+
+    They are computed on the private batches without noise, so they leave the
+    client only under ``release_train_metrics = true`` (recorded as an
+    unaccounted release in summary.json). Without it, the one fact a reply
+    still says about them is a non-finite loss (``train_loss = nan``): the
+    run stops there as diverged, and a failed run is not a private release.
+    """
+    if p.release_train_metrics:
+        return {"train_loss": loss, "train_accuracy": accuracy}
+    return {} if math.isfinite(loss) else {"train_loss": math.nan}
 
 
 def _private_train(

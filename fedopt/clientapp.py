@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 from fedopt import codec, transport
 from fedopt.client import ClientJob, ClientState
 from fedopt.config import Scenario, parse_scenario
+from fedopt.privacy.secrecy import NoiseKey, wants_secret
 from fedopt.records import RUN_KEY
 from fedopt.registry import CLIENT_MODS, CLIENTS
 from fedopt.resumable import client_state_mod
@@ -57,11 +58,30 @@ def message_cid(msg: Message, context: Context) -> int:
 
 
 class ClientRuntime:
-    """Everything a worker builds once for a scenario and reuses for every client it serves."""
+    """Everything a worker builds once for a scenario and reuses for every client it serves.
 
-    def __init__(self, scenario: Scenario, *, run_key: str = "") -> None:
+    Parameters
+    ----------
+    scenario : Scenario
+        The run's scenario.
+    run_key : str
+        The run's name in a federation shared by several runs.
+    noise_key : NoiseKey, optional
+        The run's secret key (``noise = "secret"``): every client-side random
+        draw (batches, Poisson masks, DP noise) is then seeded from it instead
+        of ``run.seed``. A secret scenario without one (``flwr run``, where each
+        node is its own party) draws a key of its own from OS entropy.
+    """
+
+    def __init__(
+        self, scenario: Scenario, *, run_key: str = "", noise_key: NoiseKey | None = None
+    ) -> None:
         self.scenario = scenario
         self.run_key = run_key
+        self.given_key = noise_key
+        if noise_key is None and wants_secret(scenario):
+            noise_key = NoiseKey.new()
+        self._noise_key = noise_key
         codec.install()
         torch.set_num_threads(scenario.run.num_cpus)
         self.task: Task = build_task(scenario)
@@ -88,6 +108,8 @@ class ClientRuntime:
         return self._tensors[cid]
 
     def _seed(self, server_round: int, cid: int, purpose: int) -> int:
+        if self._noise_key is not None:
+            return self._noise_key.seed(purpose, server_round, cid)
         return derive_seed(self.scenario.run.seed, server_round, cid, purpose)
 
     def _job(self, msg: Message, context: Context) -> ClientJob:
@@ -204,20 +226,28 @@ class _ResidentRuntime:
         self.key: str | None = None
         self.raw: Any = None
 
-    def get(self, runs: Mapping[str, Mapping[str, Any]], msg: Message) -> ClientRuntime:
+    def get(
+        self,
+        runs: Mapping[str, Mapping[str, Any]],
+        msg: Message,
+        noise_keys: Mapping[str, NoiseKey] | None = None,
+    ) -> ClientRuntime:
         run_key = message_run_key(msg)
         if run_key not in runs:
             if len(runs) != 1 or run_key:
                 raise KeyError(f"message for unknown run {run_key!r}; known: {sorted(runs)}")
             run_key = next(iter(runs))
         raw = runs[run_key]
-        if self.runtime is not None and run_key == self.runtime.run_key and raw == self.raw:
-            return self.runtime  # the same scenario as the last message's (dict ==, no JSON)
+        noise_key = noise_keys.get(run_key) if noise_keys else None
+        rt = self.runtime
+        if rt is not None and run_key == rt.run_key and raw == self.raw:
+            if rt.given_key == noise_key:  # the same run as the last message's (dict ==, no JSON)
+                return rt
         self.raw = copy.deepcopy(raw)
         key = run_key + json.dumps(raw, sort_keys=True, default=str)
-        if self.runtime is None or key != self.key:
+        if rt is None or key != self.key or rt.given_key != noise_key:
             self.runtime = None
-            self.runtime = ClientRuntime(parse_scenario(raw), run_key=run_key)
+            self.runtime = ClientRuntime(parse_scenario(raw), run_key=run_key, noise_key=noise_key)
             self.key = key
         return self.runtime
 
@@ -228,11 +258,12 @@ _RESIDENT = _ResidentRuntime()
 class _RuntimeHolder:
     """Resolves a message's run and returns the worker's resident runtime for it."""
 
-    def __init__(self, resolve: Resolver) -> None:
+    def __init__(self, resolve: Resolver, noise_keys: Mapping[str, NoiseKey] | None) -> None:
         self._resolve = resolve
+        self._noise_keys = noise_keys
 
     def get(self, msg: Message, context: Context) -> ClientRuntime:
-        return _RESIDENT.get(self._resolve(context), msg)
+        return _RESIDENT.get(self._resolve(context), msg, self._noise_keys)
 
 
 def _call_mod(mod: Any, call_next: Any, msg: Message, context: Context) -> Message:
@@ -307,14 +338,19 @@ def _pack_mod(holder: _RuntimeHolder) -> Any:
     return mod
 
 
-def make_client_app(resolve: Resolver) -> ClientApp:
+def make_client_app(
+    resolve: Resolver, *, noise_keys: Mapping[str, NoiseKey] | None = None
+) -> ClientApp:
     """A ClientApp whose runs come from ``resolve(context)``: ``{run key: scenario mapping}``.
 
     A message names its run under ``config["run-key"]``; with a single run the
     key may be omitted (as under ``flwr run``). A packed message (several
     clients of one node, :mod:`fedopt.transport`) is served client by client.
+    ``noise_keys`` are the secret keys of the runs that have one
+    (:mod:`fedopt.privacy.secrecy`): they reach the workers inside this app
+    object, never in a message.
     """
-    holder = _RuntimeHolder(resolve)
+    holder = _RuntimeHolder(resolve, noise_keys)
     app = ClientApp(mods=[_pack_mod(holder), client_state_mod, _scenario_mods(holder)])
 
     @app.train()

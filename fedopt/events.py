@@ -276,17 +276,11 @@ class VersionStore:
 def planned_work(params: Any, num_examples: int) -> float | None:
     """Examples a client processes in one local update, known before it trains.
 
-    For :class:`~fedopt.training.LocalTrainConfig` local work this is what
-    :func:`~fedopt.training.train_local` reports: ``epochs`` full passes, or
-    ``steps`` minibatches whose passes end with a partial batch. Other
-    parameter types give None (the work is not known in advance).
+    For :class:`~fedopt.training.LocalTrainConfig` local work this is its
+    ``planned_work`` (what :func:`~fedopt.training.train_local` reports; a
+    DP-SGD client's expected Poisson work). Other parameter types give None
+    (the work is not known in advance).
     """
     if not isinstance(params, LocalTrainConfig):
         return None
-    n = int(num_examples)
-    if n <= 0:
-        return 0.0
-    per_pass = math.ceil(n / params.batch_size)
-    steps = params.steps if params.steps is not None else params.epochs * per_pass
-    full, rest = divmod(steps, per_pass)
-    return float(full * n + rest * params.batch_size)
+    return params.planned_work(int(num_examples))

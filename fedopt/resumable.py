@@ -17,7 +17,11 @@ A checkpoint (written by :func:`fedopt.checkpoint.save_checkpoint`) holds:
   records are keyed by client, so a resumed run may pack its clients
   differently;
 - the server process's random generators (Python, NumPy, torch);
-- the rows written so far, the scenario and its fingerprint.
+- the rows written so far, the scenario and its fingerprint;
+- the run's secret noise key when ``noise = "secret"``
+  (:mod:`fedopt.privacy.secrecy`): the only place it is written, so that a
+  resumed run draws exactly the noise the uninterrupted one would have. A
+  checkpoint is therefore as private as the training data.
 
 Checkpoint traffic is the simulator's, not the simulated protocol's: it is
 not counted in any byte metric.
@@ -69,6 +73,7 @@ TRANSIENT = frozenset(
         "checkpointer",
         "stop",
         "restored",
+        "noise_key",
     }
 )
 
@@ -204,6 +209,8 @@ class Checkpointer:
             "driver": capture(driver),
             "clients": export_clients(driver),
         }
+        if driver.noise_key is not None:  # the checkpoint is as private as the data it resumes
+            payload["noise_key"] = driver.noise_key.to_bytes()
         path = save_checkpoint(self.run_dir, payload, round_=round_)
         log.info("checkpoint after round %d: %s", round_, path)
         return path

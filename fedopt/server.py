@@ -26,6 +26,7 @@ from fedopt import codec, resumable
 from fedopt.clientapp import RESERVED_METRICS
 from fedopt.errors import DivergenceError, RunError
 from fedopt.heterogeneity import VirtualClock, availability, client_speeds
+from fedopt.privacy.secrecy import NoiseKey
 from fedopt.records import (
     CID_KEY,
     RUN_KEY,
@@ -141,7 +142,20 @@ class RoundDriver:
         self.transport: Transport | None = None
         self.checkpointer: Checkpointer | None = None
         self.restored: dict[str, Any] | None = None
+        self.noise_key: NoiseKey | None = None
         self.loop: dict[str, Any] = {}
+
+    def bind_noise_key(self, key: NoiseKey | None) -> None:
+        """Keep the run's secret key (for checkpoints) and give it to server-side DP noise.
+
+        The key reaches the strategy only through its ``bind_noise_key`` hook
+        (user-level DP noise and client sampling); nothing else on the server
+        sees it, and it is written only into checkpoints.
+        """
+        self.noise_key = key
+        bind = find_hook(self.strategy, "bind_noise_key")
+        if bind is not None and key is not None:
+            bind(key)
 
     # -- selection ------------------------------------------------------------------------
     def select(

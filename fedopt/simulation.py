@@ -36,6 +36,7 @@ from fedopt.checkpoint import Checkpoint, StopRequest, latest_checkpoint, stop_o
 from fedopt.clientapp import make_client_app
 from fedopt.config import Scenario, load_scenario
 from fedopt.errors import ConfigError, RunInterrupted
+from fedopt.privacy.secrecy import NoiseKey, wants_secret
 from fedopt.registry import STRATEGIES
 from fedopt.report import MetricsLog, read_metrics, write_run_files
 from fedopt.resumable import Checkpointer
@@ -100,6 +101,7 @@ def execute_run(
     on_row: Callable[[Row], None] | None = None,
     restore: Checkpoint | None = None,
     stop: StopRequest | None = None,
+    noise_key: NoiseKey | None = None,
 ) -> dict[str, Any]:
     """The ServerApp body of one run: every round, streamed metrics, checkpoints, the run's files.
 
@@ -109,6 +111,9 @@ def execute_run(
     asynchronous or decentralized methods do. ``restore`` continues from a
     checkpoint (its rows are already in ``metrics.jsonl``); ``stop`` is the
     request a signal sets to end the run after its round, with a checkpoint.
+    ``noise_key`` is the run's secret key (``noise = "secret"``), the one its
+    clients got: the driver binds it to the strategy for server-side noise and
+    the checkpoints keep it, so a resumed run draws the same noise.
     """
     rows: list[Row] = list(restore.payload["rows"]) if restore is not None else []
     status = "completed"
@@ -128,6 +133,7 @@ def execute_run(
             driver = driver_cls(task, emit=emit, run_key=run_key)
             driver.checkpointer = Checkpointer(run_dir, rows, stop=stop)
             driver.restored = restore.payload if restore is not None else None
+            driver.bind_noise_key(noise_key)
             driver.run(grid)
         except RunInterrupted as err:
             status = f"interrupted: {err}"
@@ -244,6 +250,29 @@ def load_result(run_dir: Path) -> RunResult:
     return RunResult(run_dir=run_dir, rows=read_metrics(run_dir), summary=summary)
 
 
+def run_noise_key(scenario: Scenario, checkpoint: Checkpoint | None) -> NoiseKey | None:
+    """The run's secret key: the checkpoint's when resuming, a new one for a secret run, or None.
+
+    Raises
+    ------
+    ConfigError
+        When a secret run's checkpoint holds no key (it cannot resume exactly).
+    """
+    if not wants_secret(scenario):
+        return None
+    if checkpoint is None:
+        return NoiseKey.new()
+    raw = checkpoint.payload.get("noise_key")
+    if raw is None:
+        raise ConfigError(
+            "noise",
+            "secret",
+            "a checkpoint written by a secret run (this one has no key: resume with --set "
+            'client.noise="replayable" or start over)',
+        )
+    return NoiseKey(raw)
+
+
 def run_batch(
     scenarios: Sequence[Scenario],
     run_dirs: Sequence[Path],
@@ -280,6 +309,11 @@ def run_batch(
     outcome: dict[str, BaseException] = {}
     results: list[RunResult] = []
     restores = list(restore) if restore is not None else [None] * len(scenarios)
+    noise_keys = {
+        k: nk
+        for k, sc, ckpt in zip(keys, scenarios, restores, strict=True)
+        if (nk := run_noise_key(sc, ckpt)) is not None
+    }
     stop = StopRequest()
 
     server_app = ServerApp()
@@ -297,6 +331,7 @@ def run_batch(
                     on_row=row_cb,
                     restore=restores[i],
                     stop=stop,
+                    noise_key=noise_keys.get(key),
                 )
             except BaseException as err:
                 outcome["error"] = err
@@ -305,7 +340,7 @@ def run_batch(
             if on_done is not None:
                 on_done(i, results[-1])
 
-    client_app = make_client_app(lambda context: raws)
+    client_app = make_client_app(lambda context: raws, noise_keys=noise_keys)
     env = {"RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0", "FLWR_TELEMETRY_ENABLED": "0"}
     saved_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

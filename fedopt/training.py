@@ -122,6 +122,18 @@ class LocalTrainConfig:
             self.steps if self.steps is not None else self.epochs * math.ceil(n / self.batch_size)
         )
 
+    def planned_work(self, n: int) -> float:
+        """Examples one round on ``n`` examples processes, as :func:`train_local` reports it.
+
+        ``epochs`` full passes, or ``steps`` minibatches whose passes end with a
+        partial batch.
+        """
+        if n <= 0:
+            return 0.0
+        per_pass = math.ceil(n / self.batch_size)
+        full, rest = divmod(self.total_steps(n), per_pass)
+        return float(full * n + rest * self.batch_size)
+
 
 @dataclass(frozen=True)
 class TrainResult:

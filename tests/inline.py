@@ -104,8 +104,29 @@ class InlineGrid:
         return self.pull_messages(self.push_messages(messages))
 
 
-def run_inline(scenario, run_dir=None, *, grid_cls=InlineGrid):
-    """Run a scenario in-process with its strategy's driver; return (rows, driver, grid)."""
+#: The noise key of in-process test runs of secret scenarios (fixed, so runs compare bitwise).
+TEST_KEY_BYTES = bytes(range(32))
+
+
+def noise_keys_for(scenario, key=None):
+    """(the run's key, the ``noise_keys`` mapping of its ClientApp), as ``run_batch`` makes them.
+
+    A secret scenario gets ``key`` or the fixed test key; a replayable one gets none.
+    """
+    from fedopt.privacy.secrecy import NoiseKey, wants_secret
+
+    if not wants_secret(scenario):
+        return None, None
+    key = key if key is not None else NoiseKey(TEST_KEY_BYTES)
+    return key, {"": key}
+
+
+def run_inline(scenario, run_dir=None, *, grid_cls=InlineGrid, noise_key=None):
+    """Run a scenario in-process with its strategy's driver; return (rows, driver, grid).
+
+    A secret scenario's clients and driver share ``noise_key`` (default: the
+    fixed test key), exactly as ``run_batch`` shares a fresh one.
+    """
     from fedopt.clientapp import make_client_app
     from fedopt.registry import STRATEGIES
     from fedopt.server import RoundDriver
@@ -113,10 +134,12 @@ def run_inline(scenario, run_dir=None, *, grid_cls=InlineGrid):
 
     task = build_task(scenario)
     raw = scenario.to_dict()
-    grid = grid_cls(make_client_app(lambda ctx: {"": raw}), task.num_clients)
+    key, keys = noise_keys_for(scenario, noise_key)
+    grid = grid_cls(make_client_app(lambda ctx: {"": raw}, noise_keys=keys), task.num_clients)
     rows = []
     driver_cls = getattr(STRATEGIES.get(scenario.strategy.name).obj, "driver", RoundDriver)
     driver = driver_cls(task, emit=rows.append)
+    driver.bind_noise_key(key)
     driver.run(grid)
     return rows, driver, grid
 

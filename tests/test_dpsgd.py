@@ -37,7 +37,7 @@ def raw(**client):
         "data": DATA,
         "partition": {"num_clients": 4, "test_fraction": 0.25},
         "model": {"name": "mlp", "hidden": [16]},
-        "client": {"name": "dpsgd", "batch_size": 16, "lr": 0.1, **client},
+        "client": {"name": "dpsgd", "batch_size": 16, "lr": 0.1, "noise": "replayable", **client},
         "run": {"rounds": 5, "seed": 3},
     }
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from inline import InlineGrid, method_raw, scenario_with, strip_wall
+from inline import InlineGrid, method_raw, noise_keys_for, scenario_with, strip_wall
 
 from fedopt import clientapp
 from fedopt.checkpoint import StopRequest, latest_checkpoint
@@ -12,6 +12,7 @@ from fedopt.errors import RunInterrupted
 from fedopt.registry import CLIENTS, STRATEGIES, load_builtins
 from fedopt.resumable import Checkpointer
 from fedopt.server import RoundDriver
+from fedopt.simulation import run_noise_key
 from fedopt.task import build_task
 
 load_builtins()
@@ -31,11 +32,20 @@ class KilledError(Exception):
 
 
 def execute(scenario, run_dir, *, restore=None, stop_after=None, kill_after=None):
-    """One in-process run on a fresh federation (new nodes, new worker state)."""
+    """One in-process run on a fresh federation (new nodes, new worker state).
+
+    A secret run starts with the fixed test key (so an uninterrupted run and a
+    cut one draw the same noise); a resumed one takes its key from the
+    checkpoint, as ``fedopt resume`` does.
+    """
     clientapp._RESIDENT = clientapp._ResidentRuntime()  # a fresh worker process
     task = build_task(scenario)
     raw = scenario.to_dict()
-    grid = InlineGrid(make_client_app(lambda ctx: {"": raw}), task.num_clients)
+    key, keys = noise_keys_for(scenario)
+    if restore is not None:
+        key = run_noise_key(scenario, restore)
+        keys = {"": key} if key is not None else None
+    grid = InlineGrid(make_client_app(lambda ctx: {"": raw}, noise_keys=keys), task.num_clients)
     rows = list(restore.payload["rows"]) if restore is not None else []
     stop = StopRequest()
 
@@ -50,6 +60,7 @@ def execute(scenario, run_dir, *, restore=None, stop_after=None, kill_after=None
     driver = driver_cls(task, emit=emit)
     driver.checkpointer = Checkpointer(run_dir, rows, stop=stop)
     driver.restored = restore.payload if restore is not None else None
+    driver.bind_noise_key(key)
     driver.run(grid)
     return rows
 

@@ -18,6 +18,7 @@ from flwr.app import ConfigRecord
 
 from fedopt.params import check
 from fedopt.privacy.accountants import Accountant, check_accountant_name, make_accountant
+from fedopt.privacy.secrecy import check_noise_mode
 from fedopt.training import LocalTrainConfig
 
 __all__ = ["DPSGDParams", "Ledger", "local_plan", "planned_participations"]
@@ -55,6 +56,18 @@ class DPSGDParams(LocalTrainConfig):
     non_private : bool
         Explicit opt-in to σ = 0: clipping and Poisson sampling without noise,
         and no ε (the run is not private).
+    noise : {"secret", "replayable"}
+        Where the Poisson masks and the noise come from
+        (:mod:`fedopt.privacy.secrecy`): a per-run key from OS entropy
+        (default: the guarantee survives anyone reading the run directory
+        without its checkpoints) or ``run.seed`` (bitwise replayable runs; the
+        guarantee holds only against a party without the seed).
+    release_train_metrics : bool
+        Explicit opt-in to send the un-noised training loss, accuracy and the
+        number of examples actually sampled with each reply. They are computed
+        on the private batches and not accounted; summary.json records the
+        release. Off by default: a reply then carries only the noised update,
+        the example count and the ledger fields the accountant needs.
     """
 
     max_grad_norm: float | None = 1.0
@@ -66,6 +79,8 @@ class DPSGDParams(LocalTrainConfig):
     max_physical_batch_size: int | None = None
     fix_model: bool = False
     non_private: bool = False
+    noise: str = "secret"
+    release_train_metrics: bool = False
 
     def __post_init__(self) -> None:
         c = self.max_grad_norm
@@ -91,6 +106,7 @@ class DPSGDParams(LocalTrainConfig):
         )
         check(0.0 < self.delta < 1.0, "delta", self.delta, "a probability 0 < δ < 1")
         check_accountant_name(self.accountant)
+        check_noise_mode(self.noise)
         mp = self.max_participations
         check(mp is None or mp >= 1, "max_participations", mp, "an integer >= 1 or omitted")
         pb = self.max_physical_batch_size
@@ -110,6 +126,22 @@ class DPSGDParams(LocalTrainConfig):
             None,
             "a budget ε > 0, or give noise_multiplier (or set non_private = true)",
         )
+
+    def planned_work(self, n: int) -> float:
+        """Expected examples of one round's τ Poisson steps (see :meth:`expected_work`)."""
+        return self.expected_work(n, steps=local_plan(self, n)[1]) if n > 0 else 0.0
+
+    def expected_work(self, n: int, *, steps: int) -> float:
+        """Examples ``steps`` Poisson batches of mean q·n = n / ceil(n / batch_size) process.
+
+        The simulated clock charges a DP-SGD client this public quantity (n, q
+        and the steps are in its ledger) rather than the examples it actually
+        sampled, which depend on its private Poisson masks. An epoch of steps
+        is exactly n.
+        """
+        if n <= 0:
+            return 0.0
+        return float(steps * n) / max(1, math.ceil(n / self.batch_size))
 
 
 def local_plan(params: DPSGDParams, num_examples: int) -> tuple[float, int]:
