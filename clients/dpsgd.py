@@ -131,7 +131,7 @@ class DPSGDClient(ClientAlgorithm):
         job.state.set(Ledger.NAME, ledger.to_record())
         metrics = {
             **info,
-            **released_train_metrics(p, loss=loss, accuracy=accuracy),
+            **released_train_metrics(p, loss=loss, accuracy=accuracy, seen=seen),
             "steps": steps,
             "dp_steps": steps,
             "dp_steps_total": ledger.total_steps,
@@ -143,22 +143,27 @@ class DPSGDClient(ClientAlgorithm):
         return ClientUpdate(
             arrays=ArrayRecord(job.model.state_dict()),
             num_examples=n,
-            work=float(seen) if p.release_train_metrics else p.expected_work(n, steps=steps),
+            work=p.expected_work(n, steps=steps),
             metrics=metrics,
         )
 
 
-def released_train_metrics(p: DPSGDParams, *, loss: float, accuracy: float) -> dict[str, float]:
+def released_train_metrics(
+    p: DPSGDParams, *, loss: float, accuracy: float, seen: int
+) -> dict[str, float]:
     """The training statistics a DP-SGD reply carries.
 
-    They are computed on the private batches without noise, so they leave the
-    client only under ``release_train_metrics = true`` (recorded as an
-    unaccounted release in summary.json). Without it, the one fact a reply
-    still says about them is a non-finite loss (``train_loss = nan``): the
-    run stops there as diverged, and a failed run is not a private release.
+    The loss, the accuracy and the examples the Poisson masks actually drew
+    (``examples_sampled``) are computed on the private batches without noise,
+    so they leave the client only under ``release_train_metrics = true``
+    (recorded as an unaccounted release in summary.json). Without it, the one
+    fact a reply still says about them is a non-finite loss (``train_loss =
+    nan``): the run stops there as diverged, and a failed run is not a private
+    release. The clock's ``work`` is the public expected work either way
+    (:meth:`~fedopt.privacy.plan.DPSGDParams.expected_work`).
     """
     if p.release_train_metrics:
-        return {"train_loss": loss, "train_accuracy": accuracy}
+        return {"train_loss": loss, "train_accuracy": accuracy, "examples_sampled": float(seen)}
     return {} if math.isfinite(loss) else {"train_loss": math.nan}
 
 
