@@ -291,7 +291,7 @@ def profile_run(system: str, n: int, rounds: int, save_to: Path | None) -> dict[
             from fedopt import simulation
 
             make_app = simulation.make_client_app
-            simulation.make_client_app = lambda resolve: wrap(make_app(resolve))
+            simulation.make_client_app = lambda resolve, **kw: wrap(make_app(resolve, **kw))
             try:
                 raw = common.fedopt_raw(n, rounds)
 
