@@ -272,6 +272,10 @@ class RoundDriver:
                 bytes_up=self.select_bytes[1],
                 round_sim_time=0.0,
             )
+            release = find_hook(self.strategy, "release_empty_round")
+            if release is not None:  # user-level DP, Poisson sampling: the round releases noise
+                arrays, agg = release(server_round, arrays)
+                row.update({k: float(v) for k, v in (agg or {}).items()})
             return arrays, row
         grid_view = SelectedGrid(grid, [self.node_of(c) for c in cids])
         messages = list(

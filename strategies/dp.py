@@ -3,25 +3,23 @@
 One registered wrapper (``WRAPPERS["privacy"]``) applies to every run that
 asks for privacy: a DP-SGD client (``[client] name = "dpsgd"``, sample-level)
 and/or a ``[user_dp]`` section (user-level). It puts Flower's own
-``DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping`` around the
-scenario's strategy when ``[user_dp]`` asks for it, and a
-:class:`PrivacyReport` around everything, which accounts the user-level
-release of each round, leaves out clients whose sample-level budget is
-spent, and writes the accountant, δ, the plan and each client's (σ, q,
-steps) history into ``summary.json``.
+``DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping`` (in the
+noise-tracking subclasses below) around the scenario's strategy when
+``[user_dp]`` asks for it, and a :class:`PrivacyReport` around everything,
+which draws the round's clients (``select_clients``), releases and accounts
+the user-level aggregate of each round, caps it at ``target_epsilon``, leaves
+out clients whose sample-level budget is spent, and writes every privacy
+fact into ``summary.json``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from types import MappingProxyType
 from typing import Any
 
-import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
@@ -32,28 +30,61 @@ from flwr.serverapp.strategy import (
 )
 
 from fedopt.plots import Figure
-from fedopt.privacy.plan import DPSGDParams, planned_participations
-from fedopt.privacy.userlevel import UserDPParams, UserLevelLedger
+from fedopt.privacy.plan import DPSGDParams
+from fedopt.privacy.userlevel import UserDPParams
+from fedopt.privacy.userlevel_accounting import UserLevelLedger
 from fedopt.registry import CLIENT_MODS, PLOTS, SECTIONS, WRAPPERS
-from fedopt.task import derive_seed
-from fedopt.wrapper import WrappedStrategy
+from strategies.dp_report import UNIT_WEIGHT, PrivacyReport
 
-__all__ = ["PrivacyReport", "UNIT_WEIGHT", "user_dp_mods", "wrap_privacy"]
+__all__ = ["FLOWER_WRAPPERS", "PrivacyReport", "UNIT_WEIGHT", "user_dp_mods", "wrap_privacy"]
 
-#: Reply metric by which the inner FedAvg weights clients under user-level DP: always 1.
-UNIT_WEIGHT = "dp-unit-weight"
-#: Per-client reply metrics that make no sense averaged into a row (they are in per_client).
-_CLIENT_ONLY = (
-    "epsilon",
-    "dp_sigma",
-    "dp_q",
-    "dp_delta",
-    "dp_steps",
-    "dp_steps_total",
-    "dp_exhausted",
-    UNIT_WEIGHT,
-)
-_NOISE_PURPOSE = 11
+
+class _TrackedNoise:
+    """Flower's DP wrapper, its noise std following the round's own clip and reply count.
+
+    Flower draws the noise with ``num_sampled_clients`` fixed at m and, with
+    adaptive clipping, with the norm already updated for the next round; here
+    the std is z·C/m' with C the norm the round clipped with and m' the
+    replies averaged, so the round's multiplier is exactly what was planned.
+    The adaptive wrappers move C with the noised fraction of *unclipped*
+    updates (Andrew et al. 2021), so that C tracks the target quantile of the
+    update norms.
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self.num_sampled_clients = max(1, len(replies))
+        self.round_clipping_norm = self.clipping_norm
+        return super().aggregate_train(server_round, replies)
+
+    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
+        after = self.clipping_norm
+        self.clipping_norm = getattr(self, "round_clipping_norm", after)
+        try:
+            return super()._add_noise_to_aggregated_arrays(aggregated)
+        finally:
+            self.clipping_norm = after
+
+    def _noisy_fraction(self, count: int, total: int) -> float:
+        return 1.0 - super()._noisy_fraction(count, total)
+
+
+class ServerFixed(_TrackedNoise, DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping, noise tracking the replies."""
+
+
+class ClientFixed(_TrackedNoise, DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed clipping, noise tracking the replies."""
+
+
+class ServerAdaptive(_TrackedNoise, DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping, noise tracking the round's clip and replies."""
+
+
+class ClientAdaptive(_TrackedNoise, DifferentialPrivacyClientSideAdaptiveClipping):
+    """Flower's client-side adaptive clipping, noise tracking the round's clip and replies."""
 
 
 def _fixed(cls: type) -> Callable[..., Strategy]:
@@ -81,10 +112,10 @@ def _adaptive(cls: type) -> Callable[..., Strategy]:
 #: Flower's wrapper for each ``user_dp.clipping`` mode.
 FLOWER_WRAPPERS = MappingProxyType(
     {
-        "server_fixed": _fixed(DifferentialPrivacyServerSideFixedClipping),
-        "client_fixed": _fixed(DifferentialPrivacyClientSideFixedClipping),
-        "server_adaptive": _adaptive(DifferentialPrivacyServerSideAdaptiveClipping),
-        "client_adaptive": _adaptive(DifferentialPrivacyClientSideAdaptiveClipping),
+        "server_fixed": _fixed(ServerFixed),
+        "client_fixed": _fixed(ClientFixed),
+        "server_adaptive": _adaptive(ServerAdaptive),
+        "client_adaptive": _adaptive(ClientAdaptive),
     }
 )
 #: Flower's client mod for each client-side clipping mode.
@@ -93,160 +124,10 @@ CLIENT_CLIPPING = MappingProxyType(
 )
 
 
-@contextmanager
-def seeded_numpy(seed: int) -> Iterator[None]:
-    """Seed numpy's global generator for a block, then restore it.
-
-    Flower's DP wrappers draw their noise from ``np.random``; seeding it per
-    round from the run seed makes runs reproducible without leaking state.
-    """
-    state = np.random.get_state()
-    np.random.seed(seed % 2**32)
-    try:
-        yield
-    finally:
-        np.random.set_state(state)
-
-
 def _innermost_fedavg(strategy: Any) -> FedAvg | None:
     while strategy is not None and not isinstance(strategy, FedAvg):
         strategy = getattr(strategy, "strategy", None)
     return strategy
-
-
-class PrivacyReport(WrappedStrategy):
-    """Privacy accounting around a strategy (Abadi et al. 2016; McMahan et al. 2018).
-
-    Parameters
-    ----------
-    strategy : Strategy
-        The strategy, already inside Flower's DP wrapper when ``dp`` is given.
-    scenario : Scenario
-        The run's scenario.
-    dp : Strategy or None
-        Flower's DP wrapper (to read its current clipping norm).
-    user : UserLevelLedger or None
-        User-level accounting, one step per round.
-    """
-
-    def __init__(
-        self,
-        strategy: Strategy,
-        *,
-        scenario: Any,
-        dp: Any = None,
-        user: UserLevelLedger | None = None,
-    ) -> None:
-        super().__init__(strategy)
-        self.scenario = scenario
-        self.dp = dp
-        self.user = user
-        client = scenario.client.params
-        self.client_params = client if isinstance(client, DPSGDParams) else None
-        self.current = ArrayRecord()
-        self.clients: dict[int, dict[str, Any]] = {}
-        self.exhausted: dict[int, int] = {}
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.current = arrays
-        return self.strategy.configure_train(server_round, arrays, config, grid)
-
-    def _note(self, server_round: int, reply: Message) -> bool:
-        """Record a reply's sample-level step; False when the client's budget is spent."""
-        m = reply.content["metrics"]
-        cid = int(m["cid"])
-        if m.get("dp_exhausted"):
-            self.exhausted.setdefault(cid, server_round)
-            return False
-        if self.client_params is not None and "dp_steps" in m:
-            h = self.clients.setdefault(cid, {"rounds": [], "sigma": [], "q": [], "steps": []})
-            h["rounds"].append(server_round)
-            h["sigma"].append(float(m["dp_sigma"]))
-            h["q"].append(float(m["dp_q"]))
-            h["steps"].append(int(m["dp_steps"]))
-            if "epsilon" in m:
-                h["epsilon"] = float(m["epsilon"])
-        return True
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        kept = [r for r in replies if self._note(server_round, r)]
-        out: dict[str, Any] = {}
-        if self.client_params is not None:
-            out["dp_exhausted_clients"] = len(replies) - len(kept)
-        if not kept:
-            return self.current, MetricRecord(out)
-        if self.user is not None:
-            for r in kept:
-                r.content["metrics"][UNIT_WEIGHT] = 1.0
-        clip_before = float(getattr(self.dp, "clipping_norm", 0.0))
-        seed = derive_seed(self.scenario.run.seed, server_round, 0, _NOISE_PURPOSE)
-        try:
-            with seeded_numpy(seed):
-                arrays, metrics = self.strategy.aggregate_train(server_round, kept)
-        finally:
-            for r in kept:
-                if UNIT_WEIGHT in r.content["metrics"]:
-                    del r.content["metrics"][UNIT_WEIGHT]
-        out.update({k: v for k, v in (metrics or {}).items() if k not in _CLIENT_ONLY})
-        if self.user is not None and arrays is not None:
-            clip_after = float(self.dp.clipping_norm)
-            out["user_epsilon"] = self.user.record_round(
-                server_round=server_round,
-                replies=len(kept),
-                clip_before=clip_before,
-                clip_after=clip_after,
-            )
-            out["user_noise_multiplier"] = self.user.effective[-1]
-            out["user_clipping_norm"] = clip_before
-        return arrays, MetricRecord(out)
-
-    def _sample_level(self) -> dict[str, Any]:
-        p = self.client_params
-        if p.non_private:
-            return {"non_private": True, "max_grad_norm": p.max_grad_norm, "epsilon": "infinite"}
-        return {
-            "mechanism": "Opacus DP-SGD: Poisson sampling, per-sample clipping, Gaussian noise",
-            "accountant": p.accountant,
-            "delta": p.delta,
-            "max_grad_norm": p.max_grad_norm,
-            "noise_multiplier": p.noise_multiplier,
-            "target_epsilon": p.target_epsilon,
-            "plan": {
-                "participations": planned_participations(p, self.scenario.run.rounds),
-                "local_steps": p.steps
-                if p.steps is not None
-                else f"{p.epochs} x ceil(n_k / {p.batch_size})",
-                "sample_rate": f"1 / ceil(n_k / {p.batch_size})",
-                "client_sampling_amplification": "none claimed",
-            },
-            "clients": {str(c): h for c, h in sorted(self.clients.items())},
-            "budget_spent_from_round": {str(c): r for c, r in sorted(self.exhausted.items())},
-            "recompute": "each client's (sigma, q, steps) entries are Poisson-subsampled "
-            "Gaussian steps; e.g. opacus.accountants.RDPAccountant with history = "
-            "[(sigma, q, steps), ...] and get_epsilon(delta) gives its epsilon",
-        }
-
-    def summary_extra(self) -> dict[str, Any]:
-        """The run's privacy facts for summary.json, plus the wrapped strategy's own."""
-        out = super().summary_extra()
-        privacy: dict[str, Any] = {}
-        if self.client_params is not None:
-            privacy["sample_level"] = self._sample_level()
-        if self.user is not None:
-            user_dp = self.scenario.extras["user_dp"]
-            privacy["user_level"] = {
-                "clipping": user_dp.clipping,
-                "initial_clipping_norm": user_dp.clipping_norm,
-                "final_clipping_norm": float(self.dp.clipping_norm),
-                **self.user.summary(),
-            }
-        out["privacy"] = privacy
-        return out
 
 
 def wrap_privacy(strategy: Strategy, *, scenario: Any) -> Strategy:
@@ -260,14 +141,13 @@ def wrap_privacy(strategy: Strategy, *, scenario: Any) -> Strategy:
     if inner is not None:
         inner.weighted_by_key = UNIT_WEIGHT
     sampled = scenario.clients_per_round
-    noise = user_dp.noise(scenario)
+    noise = user_dp.multiplier(scenario)
     dp = FLOWER_WRAPPERS[user_dp.clipping](strategy, user_dp, noise=noise, sampled=sampled)
     ledger = UserLevelLedger(
         accountant=user_dp.accountant,
-        noise_multiplier=noise,
-        sample_rate=user_dp.sample_rate(scenario),
-        sampled=sampled,
+        sampling=user_dp.sampling,
         delta=user_dp.delta,
+        target_epsilon=user_dp.target_epsilon,
     )
     return PrivacyReport(dp, scenario=scenario, dp=dp, user=ledger)
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import dp_accounting
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from inline import run_inline, set_task_identity
-from opacus.accountants import RDPAccountant
 
 from fedopt.clientapp import make_client_app
 from fedopt.config import parse_scenario
@@ -43,9 +43,11 @@ def scenario(**user_dp):
 
 
 def rdp(history, delta=1e-5):
-    acc = RDPAccountant()
-    acc.history = history
-    return acc.get_epsilon(delta=delta)
+    """dp-accounting's RDP ε of Poisson-subsampled Gaussian (σ, q, steps) entries."""
+    acc = dp_accounting.rdp.RdpAccountant()
+    for sigma, q, n in history:
+        acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), n)
+    return acc.get_epsilon(delta)
 
 
 def round_of(strategy, server_round, updates, weights):
@@ -75,7 +77,7 @@ def _identity():
 
 
 def test_server_fixed_clipping_noise_and_accounting():
-    s = scenario()
+    s = scenario(noise="replayable")
     strat = build_strategy(s)
     assert isinstance(strat, PrivacyReport)
     rng = np.random.default_rng(0)
@@ -83,34 +85,57 @@ def test_server_fixed_clipping_noise_and_accounting():
     out, metrics, replies = round_of(strat, 1, big, [10, 20, 30, 40])
     clipped = np.mean([u * 0.5 / np.linalg.norm(u) for u in big], axis=0)  # equal weights
     noise = out - clipped
-    assert noise.std() == pytest.approx(1.0 * 0.5 / 4, rel=0.05)  # z C / m
+    assert noise.std() == pytest.approx(1.0 * 0.5 / 4, rel=0.05)  # z C / (q N)
     q = 4 / 8
     assert metrics["user_epsilon"] == pytest.approx(rdp([(1.0, q, 1)]), rel=1e-12)
     assert metrics["user_noise_multiplier"] == 1.0 and "dp-unit-weight" not in metrics
     assert all("dp-unit-weight" not in r.content["metrics"] for r in replies)
     again, _, _ = round_of(build_strategy(s), 1, big, [10, 20, 30, 40])
-    assert np.array_equal(again, out)  # the noise is seeded by (run seed, round)
+    assert np.array_equal(again, out)  # replayable: the noise is seeded by (run seed, round)
     _, m2, _ = round_of(strat, 2, big, [10, 20, 30, 40])
     assert m2["user_epsilon"] == pytest.approx(rdp([(1.0, q, 2)]), rel=1e-12)
     summary = strat.summary_extra()["privacy"]["user_level"]
-    assert summary["sample_rate"] == q and "Poisson" in summary["sampling_assumption"]
-    assert summary["history"] == [[1.0, q, 2]]
+    assert summary["sample_rate"] == q and summary["sampling"] == "poisson"
+    assert summary["adjacency"] == "add/remove one client"
+    [run] = summary["events"]
+    assert run["count"] == 2 and run["rounds"] == [1, 2]
+    assert run["event"]["class_name"] == "PoissonSampledDpEvent"
+    assert run["event"]["sampling_probability"] == q
 
 
-def test_short_round_is_accounted_with_the_smaller_effective_noise():
+def test_secret_noise_differs_between_keys_and_repeats_with_one():
+    from fedopt.privacy.secrecy import NoiseKey
+
+    s = scenario()  # noise = "secret"
+    big = [np.full(SIZE, 1.0 + i) for i in range(4)]
+    a, _, _ = round_of(build_strategy(s), 1, big, [1] * 4)
+    b, _, _ = round_of(build_strategy(s), 1, big, [1] * 4)
+    assert not np.array_equal(a, b)  # no key bound: each report draws its own from OS entropy
+    key = NoiseKey(bytes(range(32)))
+    outs = []
+    for _ in range(2):
+        strat = build_strategy(s)
+        strat.bind_noise_key(key)
+        outs.append(round_of(strat, 1, big, [1] * 4)[0])
+    assert np.array_equal(*outs)
+
+
+def test_short_round_keeps_the_planned_multiplier():
     strat = build_strategy(scenario())
     small = [np.full(SIZE, 1e-4 * i) for i in range(1, 4)]
     _, metrics, _ = round_of(strat, 1, small, [1, 1, 1])  # 3 of the 4 clients replied
-    assert metrics["user_noise_multiplier"] == pytest.approx(0.75)
-    assert metrics["user_epsilon"] == pytest.approx(rdp([(0.75, 0.5, 1)]), rel=1e-12)
+    # poisson: the denominator stays q·N, so one client fewer does not change the multiplier
+    assert metrics["user_noise_multiplier"] == 1.0
+    assert metrics["user_epsilon"] == pytest.approx(rdp([(1.0, 0.5, 1)]), rel=1e-12)
 
 
 def test_target_epsilon_calibrates_z_for_every_round():
     raw = scenario(noise_multiplier=None, target_epsilon=8.0).to_dict()
     raw["partition"]["num_clients"] = 40  # q = 4 / 40
-    strat = build_strategy(parse_scenario(raw))
-    z = strat.user.noise_multiplier
-    assert strat.user.sample_rate == 0.1
+    s = parse_scenario(raw)
+    strat = build_strategy(s)
+    z = strat.dp.noise_multiplier
+    assert s.extras["user_dp"].sample_rate(s) == 0.1
     assert 8.0 - 0.01 <= rdp([(z, 0.1, 3)]) <= 8.0
 
 
@@ -152,8 +177,9 @@ def test_inline_runs_with_dpsgd_and_adaptive_user_dp_are_reproducible():
     strip = [{k: v for k, v in r.items() if k != "wall_time"} for r in a]
     assert strip == [{k: v for k, v in r.items() if k != "wall_time"} for r in b]
     zs = [r["user_noise_multiplier"] for r in a[1:]]
-    assert all(z <= 1.0 for z in zs)  # a shrinking clip norm lowers the effective noise
-    assert a[-1]["user_epsilon"] == pytest.approx(rdp([(z, 0.5, 1) for z in zs]), rel=1e-12)
+    # the noise follows the clip each round used: the multiplier stays z however C moves
+    assert zs == pytest.approx([1.0] * len(zs), rel=1e-12)
+    assert a[-1]["user_epsilon"] == pytest.approx(rdp([(zs[0], 0.5, len(zs))]), rel=1e-12)
     privacy = driver.summary_extra()["privacy"]
     assert set(privacy) == {"sample_level", "user_level"}
     assert privacy["user_level"]["final_clipping_norm"] != 0.5

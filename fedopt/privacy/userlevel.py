@@ -1,35 +1,96 @@
-"""User-level DP at the server: the ``[user_dp]`` settings and the per-round accounting.
+"""User-level DP at the server: the ``[user_dp]`` settings and what each sampling scheme means.
 
 Flower's DP strategy wrappers clip each client's update to C and add
-Gaussian noise of standard deviation z·C/m to the mean of the m sampled
-clients, but account for nothing. :class:`UserLevelLedger` composes one
-subsampled Gaussian per round through the accountant registry: noise
-multiplier z, sampling rate q = m / N (clients per round over the
-population). Where a round deviates from what the noise was calibrated for,
-the round is accounted with the smaller effective multiplier, never the
-nominal one: fewer than m replies (noise z·C/m over a mean of m' < m updates
-is z·m'/m in units of that mean's sensitivity C/m'), or an adaptive clipping
-norm that shrank before the noise was drawn (z·C_new/C_old).
+Gaussian noise; :mod:`strategies.dp` puts them around the run's strategy and
+:mod:`fedopt.privacy.userlevel_accounting` accounts every released round as
+one dp-accounting event. :data:`SAMPLINGS` states, per scheme, the
+neighbouring relation, the sensitivity of a round's release and the
+multiplier of its Gaussian in units of that sensitivity, which is what the
+ledger composes and what ``summary.json`` records.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
 from fedopt.errors import ConfigError
 from fedopt.params import check
-from fedopt.privacy.accountants import check_accountant_name, make_accountant
-from fedopt.privacy.calibration import calibrate_noise
+from fedopt.privacy.secrecy import check_noise_mode
+from fedopt.privacy.userlevel_accounting import ACCOUNTANTS_FOR, calibrate_user_noise
 
-__all__ = ["SAMPLING_ASSUMPTION", "UserDPParams", "UserLevelLedger"]
+__all__ = ["SAMPLINGS", "SamplingScheme", "UserDPParams"]
 
-#: What the user-level accountant assumes about client sampling, stated in every summary.
-SAMPLING_ASSUMPTION = (
-    "Poisson sampling of each client with q = clients_per_round / num_clients, one "
-    "subsampled Gaussian per round; fedopt samples a fixed-size subset without replacement "
-    "(times availability), for which the Poisson analysis is the usual approximation"
+
+@dataclass(frozen=True)
+class SamplingScheme:
+    """What one ``user_dp.sampling`` value selects, releases and is accounted as.
+
+    Attributes
+    ----------
+    selection, adjacency, sensitivity, noise_std : str
+        The summary's words and formulas (C the round's clipping norm, m the
+        clients per round, m' the replies averaged, q = m / N).
+    sigma_scale : float
+        The round's Gaussian multiplier per unit of z (update part).
+    count_sensitivity : float
+        Sensitivity of the clipped count released by adaptive clipping.
+    """
+
+    selection: str
+    adjacency: str
+    sensitivity: str
+    noise_std: str
+    sigma_scale: float
+    count_sensitivity: float
+
+    def round_sigma(self, *, update_multiplier: float, count_stddev: float | None) -> float:
+        """The round's Gaussian multiplier: the update's, joined with the count's when adaptive.
+
+        Two Gaussian releases of one round compose as one Gaussian with
+        ``σ = (σ_update⁻² + σ_count⁻²)^(-1/2)``; Flower's split of z into
+        ``(z⁻² − (2σ_b)⁻²)^(-1/2)`` and σ_b makes that z (poisson) or z / 2 (fixed).
+        """
+        a = self.sigma_scale * update_multiplier
+        if count_stddev is None:
+            return a
+        b = count_stddev / self.count_sensitivity
+        return (a**-2 + b**-2) ** -0.5
+
+    def sensitivity_value(self, *, clip: float, clients_per_round: int) -> float:
+        """The sensitivity of a round of ``clients_per_round`` replies at clipping norm ``clip``.
+
+        Its noise std z·C/m over it is the update's multiplier ``sigma_scale · z``.
+        """
+        return clip / (self.sigma_scale * clients_per_round)
+
+
+SAMPLINGS: Mapping[str, SamplingScheme] = MappingProxyType(
+    {
+        "poisson": SamplingScheme(
+            selection="each available client joins a round independently with probability "
+            "q = clients_per_round / num_clients; the round's clipped updates are summed, "
+            "noised and divided by the fixed q·N = clients_per_round (a round may have any "
+            "number of clients, none included: it then releases the noise alone)",
+            adjacency="add/remove one client",
+            sensitivity="C / (q·N)",
+            noise_std="z·C / (q·N)",
+            sigma_scale=1.0,
+            count_sensitivity=0.5,
+        ),
+        "fixed": SamplingScheme(
+            selection="clients_per_round = m distinct available clients drawn uniformly "
+            "without replacement; the m' replies are averaged",
+            adjacency="replace one client",
+            sensitivity="2·C / m'",
+            noise_std="z·C / m'",
+            sigma_scale=0.5,
+            count_sensitivity=1.0,
+        ),
+    }
 )
 
 
@@ -40,12 +101,37 @@ class UserDPParams:
     ``clipping`` picks the wrapper: ``server_fixed`` / ``client_fixed``
     (``DifferentialPrivacy{Server,Client}SideFixedClipping``, norm
     ``clipping_norm``) or ``server_adaptive`` / ``client_adaptive`` (the
-    adaptive-clipping wrappers, starting at ``clipping_norm`` and steering
-    towards ``target_clipped_quantile``). Client-side modes clip on the client
-    with Flower's ``fixedclipping_mod`` / ``adaptiveclipping_mod``. The noise
-    multiplier z is given, or calibrated for ``target_epsilon`` over
-    ``run.rounds`` rounds. Clients are averaged with equal weights, which the
-    noise's sensitivity C/m assumes.
+    adaptive-clipping wrappers, starting at ``clipping_norm`` and steering C
+    towards the ``target_clipped_quantile`` of the update norms). Client-side
+    modes clip on the client with Flower's ``fixedclipping_mod`` /
+    ``adaptiveclipping_mod``. Clients are averaged with equal weights.
+
+    ``sampling`` picks how the server draws a round's clients and what the
+    accountant composes (:data:`SAMPLINGS`):
+
+    - ``"poisson"`` (default): each available client joins with probability
+      q = clients_per_round / num_clients and the round's sum of clipped
+      updates plus N(0, (zC)²) is divided by the fixed q·N. That is exactly the
+      Poisson-subsampled Gaussian of DP-FedAvg, with the standard, tight
+      analysis (add/remove one client, sensitivity C/(qN), multiplier z), so
+      it is the default. Unavailable clients cannot be drawn, so a client's
+      inclusion probability is at most q: accounting at q stays an upper
+      bound as long as availability does not depend on the clients' data.
+    - ``"fixed"``: m = clients_per_round distinct clients without
+      replacement, their m' replies averaged with noise z·C/m'. Replacing one
+      client moves that mean by up to 2C/m', so each round is
+      ``SampledWithoutReplacementDpEvent(N, m, Gaussian(z/2))`` under
+      replace-one adjacency, composed by dp-accounting's RDP accountant.
+
+    The noise standard deviation always follows the round's own clipping
+    norm and reply count, so the multiplier of every round is z (or z/2)
+    whatever adaptive clipping or dropped clients do. z is given, or
+    calibrated for ``target_epsilon`` over ``run.rounds`` rounds of the same
+    event; ``target_epsilon`` is then also a cap: a round that would pass it
+    is not released and the run stops. ``accountant`` is dp-accounting's
+    ``rdp`` or ``pld`` (poisson) or ``rdp`` (fixed: the only one that
+    composes sampling without replacement). ``noise`` says where the noise
+    and the client draws come from (:mod:`fedopt.privacy.secrecy`).
     """
 
     clipping: Literal["server_fixed", "server_adaptive", "client_fixed", "client_adaptive"] = (
@@ -59,6 +145,8 @@ class UserDPParams:
     clip_norm_lr: float = 0.2
     clipped_count_stddev: float | None = None
     accountant: str = "rdp"
+    noise: str = "secret"
+    sampling: Literal["poisson", "fixed"] = "poisson"
 
     def __post_init__(self) -> None:
         z, target = self.noise_multiplier, self.target_epsilon
@@ -76,7 +164,16 @@ class UserDPParams:
         check(self.clip_norm_lr > 0, "clip_norm_lr", self.clip_norm_lr, "a number > 0")
         sd = self.clipped_count_stddev
         check(sd is None or sd > 0, "clipped_count_stddev", sd, "a number > 0 or omitted")
-        check_accountant_name(self.accountant)
+        check(self.sampling in SAMPLINGS, "sampling", self.sampling, '"poisson" or "fixed"')
+        ok = ACCOUNTANTS_FOR[self.sampling]
+        check(
+            self.accountant in ok,
+            "accountant",
+            self.accountant,
+            f"{' or '.join(repr(a) for a in ok)} under sampling = {self.sampling!r} "
+            "(dp-accounting's accountants that compose its event)",
+        )
+        check_noise_mode(self.noise)
         check(
             (z is None) != (target is None),
             "target_epsilon" if z is None else "noise_multiplier",
@@ -89,26 +186,33 @@ class UserDPParams:
         """Whether the clipping norm adapts (Andrew et al. 2021)."""
         return self.clipping.endswith("adaptive")
 
+    @property
+    def scheme(self) -> SamplingScheme:
+        """The sampling scheme's facts."""
+        return SAMPLINGS[self.sampling]
+
     def sample_rate(self, scenario: Any) -> float:
         """Q = clients per round / population."""
         return scenario.clients_per_round / scenario.partition.num_clients
 
-    def noise(self, scenario: Any) -> float:
-        """z: given, or calibrated for ``target_epsilon`` over every round of the run."""
+    def multiplier(self, scenario: Any) -> float:
+        """z: given, or calibrated for ``target_epsilon`` with the run's own round event."""
         if self.noise_multiplier is not None:
             return self.noise_multiplier
-        return calibrate_noise(
+        return calibrate_user_noise(
+            sampling=self.sampling,
+            accountant=self.accountant,
             target_epsilon=float(self.target_epsilon),
             delta=self.delta,
-            sample_rate=self.sample_rate(scenario),
-            steps=scenario.run.rounds,
-            accountant=self.accountant,
-            key="user_dp.target_epsilon",
+            population=scenario.partition.num_clients,
+            sample_size=scenario.clients_per_round,
+            rounds=scenario.run.rounds,
+            sigma_scale=self.scheme.sigma_scale,
         )
 
     @classmethod
     def check_scenario(cls, scenario: Any) -> None:
-        """Refuse strategies whose aggregate is not FedAvg's mean, and infeasible noise."""
+        """Refuse what breaks the analysis: other aggregates, data-driven selection, bad noise."""
         from flwr.serverapp.strategy import FedAvg
 
         from fedopt.registry import STRATEGIES
@@ -126,7 +230,22 @@ class UserDPParams:
                 "a strategy that aggregates with FedAvg's mean under [user_dp] (the noise "
                 f"z·C/m is calibrated for that mean): {', '.join(ok)}",
             )
-        z = params.noise(scenario)
+        curriculum = scenario.extras.get("curriculum")
+        if curriculum is not None and getattr(curriculum, "select", False):
+            raise ConfigError(
+                "curriculum.select",
+                True,
+                "false under [user_dp] (clients picked by scores of their data break the "
+                "uniform sampling the user-level accountant amplifies by)",
+            )
+        if params.sampling == "poisson" and scenario.run.min_replies > 1:
+            raise ConfigError(
+                "run.min_replies",
+                scenario.run.min_replies,
+                "1 under [user_dp] sampling = 'poisson' (a Poisson round may draw fewer "
+                "clients, or none)",
+            )
+        z = params.multiplier(scenario)
         if params.adaptive:
             sd = params.clipped_count_stddev or scenario.clients_per_round / 20
             check(
@@ -145,69 +264,3 @@ def _is_fedavg_mean(entry: Any, scenario: Any, fedavg: type) -> bool:
     except Exception:  # noqa: BLE001  (a factory that needs more than defaults: not listed)
         return False
     return isinstance(strategy, fedavg) and type(strategy).aggregate_train is fedavg.aggregate_train
-
-
-class UserLevelLedger:
-    """Per-round user-level accounting of a DP-wrapped strategy.
-
-    Parameters
-    ----------
-    accountant : str
-        A registered accountant name.
-    noise_multiplier : float
-        The nominal z of the wrapper.
-    sample_rate : float
-        q = m / N.
-    sampled : int
-        m, the clients per round the noise was calibrated for.
-    delta : float
-        δ of the reported ε.
-    """
-
-    def __init__(
-        self,
-        *,
-        accountant: str,
-        noise_multiplier: float,
-        sample_rate: float,
-        sampled: int,
-        delta: float,
-    ) -> None:
-        self.accountant = make_accountant(accountant)
-        self.noise_multiplier = noise_multiplier
-        self.sample_rate = sample_rate
-        self.sampled = sampled
-        self.delta = delta
-        self.rounds: list[int] = []
-        self.effective: list[float] = []
-
-    def record_round(
-        self, *, server_round: int, replies: int, clip_before: float, clip_after: float
-    ) -> float:
-        """Compose one round in which ``replies`` updates were averaged; return ε so far."""
-        if replies <= 0:
-            return self.epsilon
-        shrink = min(1.0, clip_after / clip_before) if clip_before > 0 else 1.0
-        z = self.noise_multiplier * min(1.0, replies / self.sampled) * shrink
-        self.accountant.step(noise_multiplier=z, sample_rate=self.sample_rate)
-        self.rounds.append(int(server_round))
-        self.effective.append(z)
-        return self.epsilon
-
-    @property
-    def epsilon(self) -> float:
-        """ε of every round composed so far."""
-        return self.accountant.get_epsilon(self.delta)
-
-    def summary(self) -> dict[str, Any]:
-        """The accounting facts for summary.json."""
-        return {
-            "accountant": self.accountant.name,
-            "delta": self.delta,
-            "noise_multiplier": self.noise_multiplier,
-            "sample_rate": self.sample_rate,
-            "clients_per_round": self.sampled,
-            "sampling_assumption": SAMPLING_ASSUMPTION,
-            "history": self.accountant.state_dict()["history"],
-            "epsilon": self.epsilon,
-        }
