@@ -252,6 +252,12 @@ def cmd_privacy(args: argparse.Namespace, console: Console) -> int:
     return privacy_command(args, console)
 
 
+def cmd_audit(args: argparse.Namespace, console: Console) -> int:
+    from fedopt.audit.cli import audit_command
+
+    return audit_command(args, console, progress=_progress)
+
+
 def cmd_expert(args: argparse.Namespace, console: Console) -> int:
     from fedopt.config import load_scenario
     from fedopt.curriculum import train_expert
@@ -328,6 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--delta", type=float, default=1e-5, help="δ (default 1e-5)")
     pv.add_argument("--accountant", action="append", default=[], help="only these (repeatable)")
     pv.set_defaults(fn=cmd_privacy)
+
+    au = sub.add_parser(
+        "audit", help="one-run empirical privacy audit of DP-SGD clients (ε lower bounds)"
+    )
+    au.add_argument("scenario", help="a scenario file, or a sweep file with --cell")
+    au.add_argument("--cell", default=None, help="the sweep cell: its label (or SETTING/LABEL)")
+    au.add_argument("--canaries", type=int, default=None, help="canaries per client (default 1000)")
+    au.add_argument(
+        "--clients", type=int, nargs="+", default=None, help="audited client ids (default: largest)"
+    )
+    au.add_argument("--seed", type=int, default=None, help="seed of the canaries and inclusion")
+    au.add_argument("--set", **sets)
+    au.add_argument("--out", default="runs", help="parent of the run directory (default: runs)")
+    au.set_defaults(fn=cmd_audit)
 
     ex = sub.add_parser("expert", help="train a scenario's model centrally (curriculum oracle)")
     ex.add_argument("scenario")

@@ -155,6 +155,7 @@ _BUILTIN_MODULES = (
     "fedopt.faults",
     "clients",
     "strategies",
+    "fedopt.audit",
 )
 
 
