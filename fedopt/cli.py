@@ -30,6 +30,11 @@ __all__ = ["main"]
 
 
 def _progress(console: Console, total: int) -> tuple[Progress, Any]:
+    """A progress bar and its row callback; the bar appears with the first row.
+
+    Starting it lazily keeps a run refused before its first round (bad input
+    found once the task is built) to the one line of its error.
+    """
     bar = Progress(
         TextColumn("[bold]round"),
         MofNCompleteColumn(),
@@ -43,6 +48,7 @@ def _progress(console: Console, total: int) -> tuple[Progress, Any]:
     task = bar.add_task("run", total=total, loss="-", acc="-", sim="-", mb="0.0")
 
     def on_row(row: dict[str, Any]) -> None:
+        bar.start()  # a no-op once started
         acc = row.get("central_accuracy", row.get("fed_accuracy"))
         loss = row.get("train_loss")
         bar.update(
@@ -110,8 +116,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     scenario = load_scenario(args.scenario, args.set)
     _warm([scenario], console)
     bar, on_row = _progress(console, scenario.run.rounds)
-    with bar:
+    try:
         result = run(scenario, out=args.out, ray_address=args.ray_address, on_row=on_row)
+    finally:
+        bar.stop()
     _print_result(result, console)
     return 0
 
@@ -148,8 +156,10 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
     bar, on_row = _progress(console, plan.scenario.run.rounds)
     if plan.rows:
         on_row(plan.rows[-1])  # the bar starts where the checkpoint left off
-    with bar:
+    try:
         result = continue_run(plan, on_row=on_row)
+    finally:
+        bar.stop()
     _print_result(result, console)
     return 0
 

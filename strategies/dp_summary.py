@@ -18,7 +18,7 @@ PARTICIPATION_SECRECY = (
     "is a server-private log; the released outputs are the global models"
 )
 #: What DP-SGD replies send beside the noised update when ``release_train_metrics`` is on.
-_TRAIN_METRICS = ["train_loss", "train_accuracy", "work (examples sampled)"]
+_TRAIN_METRICS = ["train_loss", "train_accuracy", "examples_sampled"]
 
 
 def sample_level_summary(report: Any) -> dict[str, Any]:
@@ -28,9 +28,11 @@ def sample_level_summary(report: Any) -> dict[str, Any]:
         return {"non_private": True, "max_grad_norm": p.max_grad_norm, "epsilon": "infinite"}
     return {
         "mechanism": "Opacus DP-SGD: Poisson sampling, per-sample clipping, Gaussian noise",
-        "adjacency": "add/remove one example of a client's training set (n_k is public)",
+        "adjacency": "add/remove one example of a client's training set",
+        "public": "each client's n_k, q, sigma and step counts (they travel with every reply)",
         "accountant": p.accountant,
         "delta": p.delta,
+        "allow_large_delta": p.allow_large_delta,
         "max_grad_norm": p.max_grad_norm,
         "noise_multiplier": p.noise_multiplier,
         "target_epsilon": p.target_epsilon,

@@ -340,7 +340,7 @@ def test_summary_states_adjacency_noise_secrecy_and_unaccounted_releases():
         assert sample["adjacency"].startswith("add/remove one example")
         assert sample["noise"] == "secret" and "OS entropy" in sample["noise_secrecy"]
         assert sample["unaccounted_releases"] == (
-            ["train_loss", "train_accuracy", "work (examples sampled)"] if release else []
+            ["train_loss", "train_accuracy", "examples_sampled"] if release else []
         )
         user = privacy["user_level"]
         assert user["noise"] == "replayable" and "run.seed" in user["noise_secrecy"]

@@ -8,6 +8,13 @@ triples (consecutive identical ``(σ, q)`` entries merged, as Opacus does), so
 it can be stored anywhere (a client's ``Context.state``, a summary file) and
 replayed by a third party with Opacus or dp-accounting.
 
+ε is never negative: at a large δ an accountant's formula can give ε < 0 (the
+mechanism loses nothing beyond δ itself), and :meth:`Accountant.get_epsilon`
+reports that as 0.0. Whatever a library raises while computing ε (a root
+bracket that fails, an array too large to allocate) comes out as one
+:class:`PrivacyError` naming the history and δ; numerical accountants refuse a
+history whose grid would exceed :data:`MAX_GRID_POINTS` before allocating it.
+
 Implementations are registered by name in :data:`ACCOUNTANTS`
 (``rdp``, ``prv``, ``gdp`` from Opacus, ``pld`` from dp-accounting); users add
 their own with :func:`register_accountant`.
@@ -16,6 +23,7 @@ their own with :func:`register_accountant`.
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -25,11 +33,14 @@ from fedopt.registry import Registry
 
 __all__ = [
     "ACCOUNTANTS",
+    "MAX_GRID_POINTS",
     "Accountant",
     "History",
     "PrivacyError",
     "accountant_names",
     "check_accountant_name",
+    "check_grid",
+    "describe",
     "make_accountant",
     "register_accountant",
 ]
@@ -39,9 +50,40 @@ History = list[tuple[float, float, int]]
 #: Accountants by name; ``make_accountant(name)`` builds one.
 ACCOUNTANTS: Registry[type] = Registry("accountant")
 
+#: Largest discretisation grid (points) a numerical accountant (``prv``, ``pld``) may build:
+#: 2**25 points are 256 MiB of float64 (512 MiB as complex128, for the FFT).
+MAX_GRID_POINTS = 2**25
+
+#: What a library may raise on a history it cannot handle (turned into PrivacyError).
+_LIBRARY_ERRORS = (ValueError, ArithmeticError, MemoryError)
+
 
 class PrivacyError(FedoptError, ValueError):
     """A privacy computation that cannot be done as asked (e.g. σ = 0, a changing history)."""
+
+
+def describe(history: History) -> str:
+    """A history in words: ``σ = 1, q = 0.01, 500 steps`` (entries joined by ``; ``)."""
+    return "; ".join(f"σ = {s:g}, q = {q:g}, {n} steps" for s, q, n in history)
+
+
+def check_grid(
+    accountant: str, points: float, history: History, *, limit: int = MAX_GRID_POINTS
+) -> None:
+    """Refuse a grid of more than ``limit`` points, before it is allocated.
+
+    Raises
+    ------
+    PrivacyError
+        Naming the accountant, the grid's size and memory, and the history.
+    """
+    if points > limit:
+        gib = points * 8 / 2**30
+        raise PrivacyError(
+            f"the {accountant} accountant would need a grid of {points:.3g} points "
+            f"({gib:.3g} GiB per array, limit {limit:.3g} points) for "
+            f"{describe(history)}: use the rdp accountant for this plan"
+        )
 
 
 def _check_step(noise_multiplier: float, sample_rate: float, num_steps: int) -> None:
@@ -66,6 +108,13 @@ class Accountant(ABC):
 
     #: The registered name of the accountant (recorded in ``state_dict``).
     name: ClassVar[str] = ""
+    #: ε never grows with σ and never shrinks as q grows (steps fixed): true of the
+    #: subsampled Gaussian under ``rdp``, ``gdp`` and ``pld``, not of ``prv``'s numerical
+    #: upper bound (its error term moves with the grid). It lets
+    #: :func:`fedopt.privacy.calibration.check_reachable` decide from one ε and bound it
+    #: in q; otherwise that check runs the whole search. A user's accountant is not
+    #: assumed to be monotone.
+    monotone: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._history: History = []
@@ -92,12 +141,39 @@ class Accountant(ABC):
             self._history.append((sigma, q, int(num_steps)))
 
     def get_epsilon(self, delta: float) -> float:
-        """ε of everything composed so far, at ``delta`` (0 before any step)."""
+        """ε of everything composed so far, at ``delta`` (0 before any step); never below 0.
+
+        A negative ε from the accountant's formula (which happens at a large δ,
+        e.g. 0.5) means the history loses nothing beyond δ, and is reported as 0.0.
+
+        Raises
+        ------
+        PrivacyError
+            For δ outside (0, 1), or when the accountant cannot compute ε for
+            this history (the library's own error, naming the history and δ).
+        """
         if not 0.0 < delta < 1.0:
             raise PrivacyError(f"delta = {delta!r}: a probability in (0, 1)")
         if not self._history:
             return 0.0
-        return float(self._epsilon(self.history, float(delta)))
+        history = self.history
+        try:
+            with warnings.catch_warnings():  # the libraries' numerical remarks, not errors
+                warnings.simplefilter("ignore")
+                eps = float(self._epsilon(history, float(delta)))
+        except PrivacyError:
+            raise
+        except _LIBRARY_ERRORS as err:
+            raise PrivacyError(
+                f"the {self.name} accountant failed for {describe(history)} at "
+                f"δ = {delta:g}: {type(err).__name__}: {err}"
+            ) from None
+        if math.isnan(eps):
+            raise PrivacyError(
+                f"the {self.name} accountant gave no ε (NaN) for {describe(history)} "
+                f"at δ = {delta:g}"
+            )
+        return eps if eps > 0.0 else 0.0
 
     @abstractmethod
     def _epsilon(self, history: History, delta: float) -> float:

@@ -40,7 +40,13 @@ class DPSGDParams(LocalTrainConfig):
         given, it is a cap. A client whose next round would pass it stops
         training. Not used when ``non_private`` is set.
     delta : float
-        δ of every reported ε.
+        δ of every reported ε. It must be below 1/n_min, n_min the smallest
+        client's number of training examples (checked before a run starts,
+        :mod:`fedopt.privacy.preflight`): a δ of 1/n or more allows a mechanism
+        that publishes one of the n examples outright with probability δ.
+    allow_large_delta : bool
+        Explicit opt-in to a δ of 1/n_min or more (e.g. to reproduce a paper
+        that used one); summary.json records it. Off by default.
     accountant : str
         A registered accountant (``rdp``, ``prv``, ``gdp``, ``pld``).
     max_participations : int or None
@@ -74,6 +80,7 @@ class DPSGDParams(LocalTrainConfig):
     noise_multiplier: float | None = None
     target_epsilon: float | None = 8.0
     delta: float = 1e-5
+    allow_large_delta: bool = False
     accountant: str = "rdp"
     max_participations: int | None = None
     max_physical_batch_size: int | None = None

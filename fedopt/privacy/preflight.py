@@ -1,0 +1,172 @@
+"""Privacy checks of built tasks before any engine starts: δ against the data, reachable budgets.
+
+A run's privacy settings can be wrong in ways only the data shows: a δ that
+is large for the smallest client, or a target ε that the planned steps of some
+client cannot reach with any σ. Both would otherwise surface inside the
+clients' first round, after the engine started. :func:`check_tasks` runs every
+registered check on every task (the server's tasks, already built) and raises
+the first problem as one :class:`~fedopt.errors.ConfigError` line. A check is
+``fn(task) -> facts or None`` in :data:`PRIVACY_CHECKS`; the facts (plain
+values) are returned for the run's records.
+
+The sample-level check (``sample_level``) covers every client whose params are
+a :class:`~fedopt.privacy.plan.DPSGDParams` (DP-SGD and its LoRA variant) and
+that is not ``non_private``:
+
+- δ < 1/n_min, n_min the smallest client's training-set size, unless
+  ``client.allow_large_delta`` is set (then the facts say so);
+- with σ to calibrate: the target is reachable for every distinct client plan
+  (q, τ) as the client will calibrate it (``planned_participations × τ``
+  steps), decided by one ε per plan (:func:`~fedopt.privacy.calibration.check_reachable`);
+- with σ given and a target (a cap): at least one client fits one round under
+  the cap (otherwise no client can ever train).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from fedopt.data import split_client
+from fedopt.errors import ConfigError
+from fedopt.privacy.accountants import PrivacyError, make_accountant
+from fedopt.privacy.calibration import PrivacyTargetError, check_reachable
+from fedopt.privacy.plan import DPSGDParams, local_plan, planned_participations
+from fedopt.registry import Registry
+
+if TYPE_CHECKING:
+    from fedopt.task import Task
+
+__all__ = ["PRIVACY_CHECKS", "check_sample_level", "check_tasks", "train_sizes"]
+
+#: ``fn(task) -> facts or None``: checks run on every built task before a run starts.
+PRIVACY_CHECKS: Registry[Callable[[Any], Mapping[str, Any] | None]] = Registry("privacy check")
+
+
+def train_sizes(task: Task) -> list[int]:
+    """n_k: each client's number of training examples, as ``task.client_data`` splits them.
+
+    Only the index split is computed (:func:`fedopt.data.split_client`, the
+    function ``client_data`` uses); no example is copied.
+    """
+    s = task.scenario
+    split = {"test_fraction": s.partition.test_fraction, "seed": s.run.seed}
+    return [len(split_client(part, cid=cid, **split)[0]) for cid, part in enumerate(task.parts)]
+
+
+def _check_delta(p: DPSGDParams, n_min: int, cid: int) -> None:
+    if p.delta >= 1.0 / n_min and not p.allow_large_delta:
+        raise ConfigError(
+            "client.delta",
+            p.delta,
+            f"a δ < 1/n_min = {1.0 / n_min:.3g} (the smallest client, {cid}, has n_min = "
+            f"{n_min} training examples); or set client.allow_large_delta = true",
+        )
+
+
+def _check_cap(p: DPSGDParams, plans: Mapping[tuple[float, int], tuple[int, int]]) -> None:
+    """Refuse a σ with which one round of every client already passes the cap."""
+    sigma, cap = float(p.noise_multiplier), float(p.target_epsilon)
+    spent: list[tuple[float, float, int, int, int]] = []
+    for (q, tau), (cid, n) in plans.items():  # the first client that fits settles it
+        acc = make_accountant(p.accountant)
+        acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=tau)
+        try:
+            eps = acc.get_epsilon(p.delta)
+        except PrivacyError:
+            continue
+        if eps <= cap:
+            return
+        spent.append((eps, q, tau, cid, n))
+    if not spent:
+        return  # no ε could be computed at all; the clients will say why
+    eps, q, tau, cid, n = min(spent)
+    raise PrivacyTargetError(
+        "client.target_epsilon",
+        p.target_epsilon,
+        f"one round with client.noise_multiplier = {sigma:g}: no client can ever train, "
+        f"even client {cid} (n_k = {n}: q = {q:g}, {tau} steps, δ = {p.delta:g}, "
+        f"{p.accountant}) spends ε = {eps:.4g} in one round; raise the cap or σ",
+    )
+
+
+def check_sample_level(task: Task) -> dict[str, Any] | None:
+    """The DP-SGD clients' δ and budget against the task's data; None for other clients.
+
+    Returns
+    -------
+    dict or None
+        ``n_min``, ``delta``, ``delta_times_n_min`` and ``allow_large_delta``
+        (the facts a summary records), or None when the check does not apply.
+
+    Raises
+    ------
+    ConfigError
+        Under ``client.delta`` for δ >= 1/n_min without ``allow_large_delta``.
+    PrivacyTargetError
+        Under ``client.target_epsilon`` for a target some client cannot reach
+        (naming the client, n_k and its plan), or a cap no client fits in one round.
+    """
+    p = task.scenario.client.params
+    if not isinstance(p, DPSGDParams) or p.non_private:
+        return None
+    sizes = [(n, cid) for cid, n in enumerate(train_sizes(task)) if n > 0]
+    if not sizes:
+        return None
+    n_min, cid_min = min(sizes)
+    _check_delta(p, n_min, cid_min)
+    plans: dict[tuple[float, int], tuple[int, int]] = {}
+    for n, cid in sorted(sizes):
+        plans.setdefault(local_plan(p, n), (cid, n))
+    rounds = planned_participations(p, task.scenario.run.rounds)
+    if p.noise_multiplier is None:
+        for (q, tau), (cid, n) in plans.items():
+            check_reachable(
+                target_epsilon=float(p.target_epsilon),
+                delta=p.delta,
+                sample_rate=q,
+                steps=rounds * tau,
+                accountant=p.accountant,
+                key="client.target_epsilon",
+                where=f"client {cid} (n_k = {n}, {rounds} rounds x {tau} steps)",
+            )
+    elif p.target_epsilon is not None:
+        _check_cap(p, plans)
+    return {
+        "n_min": n_min,
+        "delta": p.delta,
+        "delta_times_n_min": p.delta * n_min,
+        "allow_large_delta": p.allow_large_delta,
+    }
+
+
+def check_tasks(tasks: Sequence[Task]) -> list[dict[str, Any]]:
+    """Run every registered privacy check on every task; the first problem raises.
+
+    Parameters
+    ----------
+    tasks : sequence of Task
+        The run's (or sweep's) built tasks.
+
+    Returns
+    -------
+    list of dict
+        Per task, ``{check name: facts}`` for the checks that applied.
+
+    Raises
+    ------
+    ConfigError
+        The first problem found, in one line naming the key, the value and what is allowed.
+    """
+    out = []
+    for task in tasks:
+        facts = {}
+        for entry in PRIVACY_CHECKS:
+            found = entry.obj(task)
+            if found is not None:
+                facts[entry.name] = dict(found)
+        out.append(facts)
+    return out
+
+
+PRIVACY_CHECKS.register("sample_level", check_sample_level)
