@@ -16,7 +16,7 @@ from clients.sgd import round_config
 from fedopt.client import ClientAlgorithm, ClientJob, ClientUpdate
 from fedopt.errors import ConfigError
 from fedopt.privacy.calibration import calibrate_noise
-from fedopt.privacy.plan import DPSGDParams, Ledger, local_plan, planned_participations
+from fedopt.privacy.plan import DPSGDParams, Ledger, local_plan, sigma_request
 from fedopt.registry import CLIENTS, OPTIMIZERS
 from fedopt.training import objective, sample_mean_loss
 
@@ -88,14 +88,9 @@ class DPSGDClient(ClientAlgorithm):
         if p.noise_multiplier is not None:
             return float(p.noise_multiplier)
         if ledger.sigma is None:
-            rounds = planned_participations(p, self.scenario.run.rounds)
+            rounds = self.scenario.run.rounds
             ledger.sigma = calibrate_noise(
-                target_epsilon=float(p.target_epsilon),
-                delta=p.delta,
-                sample_rate=q,
-                steps=rounds * tau,
-                accountant=p.accountant,
-                key="client.target_epsilon",
+                **sigma_request(p, sample_rate=q, local_steps=tau, rounds=rounds)
             )
         return ledger.sigma
 

@@ -119,7 +119,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     try:
         result = run(scenario, out=args.out, ray_address=args.ray_address, on_row=on_row)
     finally:
-        bar.stop()
+        if bar.live.is_started:
+            bar.stop()
     _print_result(result, console)
     return 0
 
@@ -159,7 +160,8 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
     try:
         result = continue_run(plan, on_row=on_row)
     finally:
-        bar.stop()
+        if bar.live.is_started:
+            bar.stop()
     _print_result(result, console)
     return 0
 

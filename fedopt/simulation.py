@@ -36,7 +36,6 @@ from fedopt.checkpoint import Checkpoint, StopRequest, latest_checkpoint, stop_o
 from fedopt.clientapp import make_client_app
 from fedopt.config import Scenario, load_scenario
 from fedopt.errors import ConfigError, RunInterrupted
-from fedopt.privacy.preflight import check_tasks
 from fedopt.privacy.secrecy import NoiseKey, wants_secret
 from fedopt.registry import STRATEGIES
 from fedopt.report import MetricsLog, read_metrics, write_run_files
@@ -302,7 +301,6 @@ def run_batch(
     _check_resources(scenarios)
     if tasks is None:
         tasks = [build_task(sc) for sc in scenarios]
-    check_tasks(tasks)  # privacy plans (δ, reachable ε) before any run directory or Ray
     keys = [f"{i}-{sc.fingerprint()}" for i, sc in enumerate(scenarios)]
     for sc, run_dir in zip(scenarios, run_dirs, strict=True):
         Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -403,7 +401,6 @@ def run(
         scenario = scenario.replace(**{"run.ray_address": ray_address})
     _check_resources([scenario])
     task = build_task(scenario)
-    check_tasks([task])  # before the run directory exists: a refused run leaves nothing behind
     run_dir = Path(run_dir) if run_dir is not None else make_run_dir(Path(out), scenario.name)
     cb = (lambda i, row: on_row(row)) if on_row is not None else None
     return run_batch([scenario], [run_dir], on_row=cb, tasks=[task])[0]

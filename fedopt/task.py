@@ -96,7 +96,15 @@ class Task:
 
 
 def build_task(scenario: Scenario) -> Task:
-    """Load the dataset, partition it into clients and check the model against it."""
+    """Load the dataset, partition it into clients, check the privacy plan and the model.
+
+    The privacy plan (:func:`fedopt.privacy.preflight.check_tasks`: δ against
+    the smallest client, a reachable target ε for every client's steps) needs
+    only the partition, so it is checked before the model is built, which for
+    DP-SGD imports Opacus: a bad plan fails a few seconds sooner.
+    """
+    from fedopt.privacy.preflight import check_tasks
+
     d, p = scenario.data, scenario.partition
     data = load_task_data(
         d.name, data_params(scenario), test_fraction=d.test_fraction, seed=scenario.run.seed
@@ -105,6 +113,7 @@ def build_task(scenario: Scenario) -> Task:
         data.train, p.name, p.params, num_clients=p.num_clients, seed=scenario.run.seed
     )
     task = Task(scenario, data, tuple(parts))
+    check_tasks([task])
     task.new_model()
     return task
 

@@ -1,9 +1,8 @@
-"""SIGTERM a `fedopt run` on Ray, `fedopt resume` it: the same metrics.jsonl and ε.
+"""SIGTERM a `fedopt run` on Ray, `fedopt resume` it: the checkpoint decides every row and ε.
 
-The replayable run must equal an uninterrupted run. A secret run (its noise key
-is drawn anew by every `fedopt run`) cannot be compared with another run, so two
-resumes of copies of the same cut run directory must agree bitwise: the key
-comes back from the checkpoint, in fresh Ray workers.
+The run is a secret DP run (its noise key is drawn anew by every `fedopt run`),
+so two resumes of copies of the same cut run directory must agree bitwise: the
+key comes back from the checkpoint, in fresh Ray workers.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ SCENARIO = {
     "partition": {"name": "dirichlet", "num_clients": 6, "test_fraction": 0.2},
     "model": {"name": "mlp", "hidden": [16]},
     "client": {"name": "dpsgd", "batch_size": 16, "lr": 0.3, "target_epsilon": 3.0},
-    "run": {"rounds": 40, "seed": 4, "workers": 2, "checkpoint_every": 0, "fed_eval_every": 10},
+    "run": {"rounds": 20, "seed": 4, "workers": 2, "checkpoint_every": 0, "fed_eval_every": 5},
 }
 FEDOPT = str(Path(sys.executable).with_name("fedopt"))
 
@@ -77,32 +76,23 @@ def resume(run_dir, env):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("noise", ["replayable", "secret"])
-def test_sigterm_and_resume_reproduce_the_uninterrupted_run(tmp_path, noise):
-    scenario = {**SCENARIO, "client": {**SCENARIO["client"], "noise": noise}}
-    if noise == "secret":
-        scenario["run"] = {**SCENARIO["run"], "rounds": 12}
+def test_sigterm_then_resume_on_ray_is_determined_by_the_checkpoint(tmp_path):
+    """A secret DP run cut by SIGTERM; two resumes of copies of its directory agree bitwise.
+
+    Every `fedopt run` of a secret scenario draws a new key, so there is no
+    uninterrupted twin on Ray (the inline tests compare with one for every
+    strategy and local optimizer, sharing the key): if the resumed workers did
+    not get the key back from the checkpoint, the two resumes would differ.
+    """
     path = tmp_path / "s.toml"
-    path.write_text(tomli_w.dumps(scenario))
+    path.write_text(tomli_w.dumps(SCENARIO))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     run_dir = cut_after_round_2(path, tmp_path / "cut", env)
-    if noise == "secret":
-        twin = tmp_path / "twin" / run_dir.name
-        shutil.copytree(run_dir, twin)
-        first, summary = resume(run_dir, env)
-        second, twin_summary = resume(twin, env)
-        assert len(first) == scenario["run"]["rounds"] + 1
-        assert strip_wall(first) == strip_wall(second)
-        assert summary["clients_final"] == twin_summary["clients_final"]
-        assert summary["privacy"]["sample_level"]["noise"] == "secret"
-        return
-    whole = subprocess.run(
-        [FEDOPT, "run", str(path), "--out", str(tmp_path / "whole")], env=env, capture_output=True
-    )
-    assert whole.returncode == 0, whole.stderr.decode()[-2000:]
-    resumed, final = resume(run_dir, env)
-    reference = rows(only_dir(tmp_path / "whole"))
-    assert strip_wall(resumed) == strip_wall(reference)
-    ref_final = json.loads((only_dir(tmp_path / "whole") / "summary.json").read_text())
-    assert final["clients_final"] == ref_final["clients_final"]  # every client's ε
-    assert reference[-1]["epsilon_max"] > 0
+    twin = tmp_path / "twin" / run_dir.name
+    shutil.copytree(run_dir, twin)
+    first, summary = resume(run_dir, env)
+    second, twin_summary = resume(twin, env)
+    assert len(first) == SCENARIO["run"]["rounds"] + 1 and first[-1]["epsilon_max"] > 0
+    assert strip_wall(first) == strip_wall(second)
+    assert summary["clients_final"] == twin_summary["clients_final"]  # every client's ε
+    assert summary["privacy"]["sample_level"]["noise"] == "secret"

@@ -21,7 +21,7 @@ from fedopt.privacy.accountants import Accountant, check_accountant_name, make_a
 from fedopt.privacy.secrecy import check_noise_mode
 from fedopt.training import LocalTrainConfig
 
-__all__ = ["DPSGDParams", "Ledger", "local_plan", "planned_participations"]
+__all__ = ["DPSGDParams", "Ledger", "local_plan", "planned_participations", "sigma_request"]
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,25 @@ def local_plan(params: DPSGDParams, num_examples: int) -> tuple[float, int]:
 def planned_participations(params: DPSGDParams, rounds: int) -> int:
     """The participations calibration plans for: the cap, or every round."""
     return min(params.max_participations or rounds, rounds)
+
+
+def sigma_request(
+    params: DPSGDParams, *, sample_rate: float, local_steps: int, rounds: int
+) -> dict[str, Any]:
+    """What σ is calibrated for: the keyword arguments of ``calibrate_noise``.
+
+    One client's plan (rate q, τ local steps) over its planned participations
+    of ``rounds``; the client calibrates with it and the pre-run check asks
+    the same question, so both always agree.
+    """
+    return {
+        "target_epsilon": float(params.target_epsilon),
+        "delta": params.delta,
+        "sample_rate": sample_rate,
+        "steps": planned_participations(params, rounds) * local_steps,
+        "accountant": params.accountant,
+        "key": "client.target_epsilon",
+    }
 
 
 class Ledger:

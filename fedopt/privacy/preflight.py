@@ -31,7 +31,7 @@ from fedopt.data import split_client
 from fedopt.errors import ConfigError
 from fedopt.privacy.accountants import PrivacyError, make_accountant
 from fedopt.privacy.calibration import PrivacyTargetError, check_reachable
-from fedopt.privacy.plan import DPSGDParams, local_plan, planned_participations
+from fedopt.privacy.plan import DPSGDParams, local_plan, planned_participations, sigma_request
 from fedopt.registry import Registry
 
 if TYPE_CHECKING:
@@ -122,12 +122,7 @@ def check_sample_level(task: Task) -> dict[str, Any] | None:
     if p.noise_multiplier is None:
         for (q, tau), (cid, n) in plans.items():
             check_reachable(
-                target_epsilon=float(p.target_epsilon),
-                delta=p.delta,
-                sample_rate=q,
-                steps=rounds * tau,
-                accountant=p.accountant,
-                key="client.target_epsilon",
+                **sigma_request(p, sample_rate=q, local_steps=tau, rounds=task.scenario.run.rounds),
                 where=f"client {cid} (n_k = {n}, {rounds} rounds x {tau} steps)",
             )
     elif p.target_epsilon is not None:

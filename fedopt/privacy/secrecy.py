@@ -66,9 +66,17 @@ def noise_statement(mode: str) -> dict[str, str]:
 
 
 def wants_secret(scenario: Any) -> bool:
-    """Whether a DP part of the scenario (client or ``[user_dp]``) asks for ``noise = "secret"``."""
+    """Whether a DP part of the scenario (client or ``[user_dp]``) asks for ``noise = "secret"``.
+
+    A ``non_private`` DP-SGD client adds no noise, so it has nothing to keep
+    secret and stays seeded from ``run.seed``.
+    """
     parts = [scenario.client.params, scenario.extras.get("user_dp")]
-    return any(getattr(p, "noise", None) == "secret" for p in parts if p is not None)
+    return any(
+        getattr(p, "noise", None) == "secret" and not getattr(p, "non_private", False)
+        for p in parts
+        if p is not None
+    )
 
 
 class NoiseKey:
