@@ -268,7 +268,7 @@ def run_noise_key(scenario: Scenario, checkpoint: Checkpoint | None) -> NoiseKey
             "noise",
             "secret",
             "a checkpoint written by a secret run (this one has no key: resume with --set "
-            'client.noise="replayable" or start over)',
+            'client.noise="replayable" (or user_dp.noise) and --force, or start over)',
         )
     return NoiseKey(raw)
 
