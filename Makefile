@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fedopt-installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench reproduce lint clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,9 @@ test: setup
 
 bench: setup
 	$(PY) bench/overhead.py
+
+reproduce: setup
+	$(VENV)/bin/fedopt reproduce --report docs/reproductions.md
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

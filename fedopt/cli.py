@@ -169,7 +169,7 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     from fedopt.compare import load_sweep, run_sweep
 
-    sweep = load_sweep(args.sweep, args.set)
+    sweep = load_sweep(args.sweep, args.set, quick=args.quick)
     cells = sweep.cells()
     total = len(cells)
     _warm([c[3] for c in cells], console)
@@ -193,6 +193,22 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     table = Path(paths["markdown"]).read_text().split("\n\n![")[0]
     console.print(table, markup=False, highlight=False)
     console.print(f"comparison directory: {out_dir}")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace, console: Console) -> int:
+    from fedopt.reproduce import PAPERS_DIR, find_sweeps, reproduce
+
+    paths = find_sweeps(Path(args.papers) if args.papers else PAPERS_DIR, args.only)
+    report = Path(args.report)
+    console.print(f"{len(paths)} sweeps ({'quick' if args.quick else 'full'} tier) -> {report}")
+
+    def on_sweep(result: Any) -> None:
+        for v in result.verdicts:
+            console.print(f"{result.sweep.name}: {v.claim.claim}: {v.word}; {v.detail}")
+
+    reproduce(paths, quick=args.quick, out=Path(args.out), report=report, on_sweep=on_sweep)
+    console.print(f"report: {report}")
     return 0
 
 
@@ -323,7 +339,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", **sets)
     c.add_argument("--out", default="runs")
     c.add_argument("--ray-address", default=None)
+    c.add_argument(
+        "--quick", action="store_true", help="the sweep's quick tier ([quick]: fewer seeds, rounds)"
+    )
     c.set_defaults(fn=cmd_compare)
+
+    rp = sub.add_parser(
+        "reproduce",
+        help="run the paper sweeps (scenarios/papers), judge their claims, write a report",
+    )
+    rp.add_argument("--quick", action="store_true", help="each sweep's quick tier (smoke test)")
+    rp.add_argument("--only", nargs="*", default=[], help="sweep names (file stems) to run")
+    rp.add_argument("--papers", default=None, help="folder of sweep files (scenarios/papers)")
+    rp.add_argument("--report", default="docs/reproductions.md", help="the report to write")
+    rp.add_argument("--out", default="runs")
+    rp.set_defaults(fn=cmd_reproduce)
 
     pa = sub.add_parser("partitions", help="print per-client sizes and labels; write a heatmap")
     pa.add_argument("scenario")

@@ -34,10 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedopt.claims import Claim, parse_claims
 from fedopt.config import Scenario, apply_overrides, parse_scenario, read_toml
 from fedopt.errors import ConfigError, did_you_mean
 from fedopt.simulation import make_run_dir, run_batch
 from fedopt.tables import CellResult, write_compare
+from fedopt.tuning import Tune, dotted, parse_tune
 
 __all__ = ["Sweep", "Variant", "load_sweep", "run_sweep"]
 
@@ -50,7 +52,13 @@ _KEYS = (
     "scenario",
     "strategies",
     "settings",
+    "paper",
+    "expect",
+    "diagnose",
+    "tune",
+    "quick",
 )
+_QUICK_KEYS = ("seeds", "scenario", "strategies", "settings", "tune")
 
 
 @dataclass(frozen=True)
@@ -72,17 +80,50 @@ class Sweep:
     seeds: tuple[int, ...]
     target: float | None
     columns: tuple[str, ...] = ()
+    paper: str = ""
+    claims: tuple[Claim, ...] = ()
+    diagnose: tuple[str, ...] = ()
+    tune: Tune | None = None
 
-    def cells(self) -> list[tuple[Variant, Variant, int, Scenario]]:
-        """Every (strategy, setting, seed, scenario) cell, settings outermost."""
+    def cells(
+        self, chosen: Mapping[tuple[str, str], Any] | None = None
+    ) -> list[tuple[Variant, Variant, int, Scenario]]:
+        """Every (strategy, setting, seed, scenario) cell, settings outermost.
+
+        ``chosen[(strategy, setting)]`` is the tuned value of ``self.tune.key``
+        for that pair (see :mod:`fedopt.tuning`).
+        """
         out = []
         for setting in self.settings:
             for strategy in self.strategies:
                 for seed in self.seeds:
-                    raw = merge(merge(self.base, setting.overrides), strategy.overrides)
-                    raw = merge(raw, {"run": {"seed": seed}, "name": self.name})
+                    raw = self._raw(strategy, setting, seed)
+                    if chosen and self.tune and (strategy.label, setting.label) in chosen:
+                        value = chosen[(strategy.label, setting.label)]
+                        raw = merge(raw, dotted(self.tune.key, value))
                     out.append((strategy, setting, seed, parse_scenario(raw)))
         return out
+
+    def tuning_cells(self) -> list[tuple[Variant, Variant, Any, int, Scenario]]:
+        """The ``[tune]`` grid: (strategy, setting, value, tuning seed, scenario) cells."""
+        if self.tune is None:
+            return []
+        out = []
+        for setting in self.settings:
+            for strategy in self.strategies:
+                if strategy.label not in self.tune.strategies:
+                    continue
+                for value in self.tune.values:
+                    for seed in self.tune.seeds:
+                        raw = merge(
+                            self._raw(strategy, setting, seed), dotted(self.tune.key, value)
+                        )
+                        out.append((strategy, setting, value, seed, parse_scenario(raw)))
+        return out
+
+    def _raw(self, strategy: Variant, setting: Variant, seed: int) -> dict[str, Any]:
+        raw = merge(merge(self.base, setting.overrides), strategy.overrides)
+        return merge(raw, {"run": {"seed": seed}, "name": self.name})
 
 
 def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -113,8 +154,58 @@ def _variants(raw: Any, key: str) -> tuple[Variant, ...]:
     return tuple(out)
 
 
-def load_sweep(path: str | Path, sets: Sequence[str] = ()) -> Sweep:
-    """Read and validate a sweep file; ``sets`` override the base scenario."""
+def _quick(raw: dict[str, Any]) -> dict[str, Any]:
+    """The sweep's quick tier: ``[quick]`` applied over the sweep's own keys."""
+    quick = raw.get("quick", {})
+    if not isinstance(quick, Mapping):
+        raise ConfigError("quick", quick, "a table of quick-tier keys ([quick])")
+    for key in quick:
+        if key not in _QUICK_KEYS:
+            raise ConfigError(f"quick.{key}", quick[key], f"one of {', '.join(_QUICK_KEYS)}")
+    out = dict(raw)
+    if "seeds" in quick:
+        out["seeds"] = quick["seeds"]
+    out["scenario"] = merge(raw.get("scenario", {}), quick.get("scenario", {}))
+    if "tune" in quick and isinstance(raw.get("tune"), Mapping):
+        out["tune"] = merge(raw["tune"], quick["tune"])
+    for key in ("strategies", "settings"):
+        if key in quick:
+            keep = quick[key]
+            labels = [v.get("label") for v in raw.get(key) or () if isinstance(v, Mapping)]
+            for label in keep if isinstance(keep, list) else [keep]:
+                if label not in labels:
+                    raise ConfigError(f"quick.{key}", label, f"a label of the sweep's {key}")
+            out[key] = [v for v in raw[key] if v.get("label") in keep]
+    if "expect" in raw and ("strategies" in quick or "settings" in quick):
+        out["expect"] = [k for row in raw["expect"] if (k := _kept(row, out)) is not None]
+    return out
+
+
+def _kept(row: Any, raw: Mapping[str, Any]) -> Any:
+    """``row`` (an ``[[expect]]`` claim) limited to the variants ``raw`` keeps, or None.
+
+    A claim about a strategy the quick tier leaves out is dropped, and so is
+    one whose settings are all left out.
+    """
+    if not isinstance(row, Mapping):
+        return row  # parse_claims names the bad row
+    names = {v.get("label") for v in raw.get("strategies") or () if isinstance(v, Mapping)}
+    wanted = {row.get("better"), row.get("than", row.get("better"))}
+    if raw.get("strategies") is not None and not wanted <= names:
+        return None
+    if raw.get("settings") is None or "settings" not in row:
+        return row
+    kept = {v.get("label") for v in raw["settings"] if isinstance(v, Mapping)}
+    settings = [s for s in row["settings"] if s in kept]
+    return {**row, "settings": settings} if settings else None
+
+
+def load_sweep(path: str | Path, sets: Sequence[str] = (), *, quick: bool = False) -> Sweep:
+    """Read and validate a sweep file; ``sets`` override the base scenario.
+
+    ``quick`` reads the sweep's quick tier (its ``[quick]`` table: fewer seeds,
+    rounds, variants), the smoke test of a reproduction.
+    """
     path = Path(path)
     raw = read_toml(path)
     for key in raw:
@@ -122,6 +213,8 @@ def load_sweep(path: str | Path, sets: Sequence[str] = ()) -> Sweep:
             raise ConfigError(
                 key, raw[key], f"a sweep key ({', '.join(_KEYS)}){did_you_mean(key, _KEYS)}"
             )
+    if quick:
+        raw = _quick(raw)
     base: dict[str, Any] = {}
     if "base" in raw:
         if not isinstance(raw["base"], str):
@@ -151,17 +244,33 @@ def load_sweep(path: str | Path, sets: Sequence[str] = ()) -> Sweep:
     columns = raw.get("columns", [])
     if not isinstance(columns, list) or not all(isinstance(c, str) and c for c in columns):
         raise ConfigError("columns", columns, 'a list of metric names, e.g. ["epsilon_max"]')
+    diagnose = raw.get("diagnose", [])
+    if not isinstance(diagnose, list) or not all(isinstance(c, str) and c for c in diagnose):
+        raise ConfigError("diagnose", diagnose, 'a list of metric names, e.g. ["lr_global"]')
+    paper = raw.get("paper", "")
+    if not isinstance(paper, str):
+        raise ConfigError("paper", paper, "the paper the sweep reproduces, as a string")
     name = raw.get("name", path.stem)
+    strategies = _variants(raw.get("strategies"), "strategies")
+    settings = _variants(raw.get("settings"), "settings")
+    labels = [v.label for v in strategies]
     sweep = Sweep(
         name=name,
         base=base,
-        strategies=_variants(raw.get("strategies"), "strategies"),
-        settings=_variants(raw.get("settings"), "settings"),
+        strategies=strategies,
+        settings=settings,
         seeds=tuple(seeds),
         target=float(target) if target is not None else None,
         columns=tuple(columns),
+        paper=paper,
+        claims=parse_claims(
+            raw.get("expect"), strategies=labels, settings=[v.label for v in settings]
+        ),
+        diagnose=tuple(diagnose),
+        tune=parse_tune(raw.get("tune"), strategies=labels, seeds=seeds),
     )
     sweep.cells()
+    sweep.tuning_cells()
     return sweep
 
 
@@ -172,12 +281,14 @@ def run_sweep(
     ray_address: str | None = None,
     on_cell: Callable[[int, CellResult], None] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Run every cell in one federation, then write the comparison table and overlay plots."""
+    """Run every cell in one federation, then write the comparison table and overlay plots.
+
+    A sweep with a ``[tune]`` grid runs the grid first (under ``tuning/``), writes
+    ``tuning.md`` and runs each (strategy, setting) pair at its chosen value.
+    """
     out_dir = make_run_dir(Path(out), sweep.name)
-    cells = sweep.cells()
-    scenarios = [sc for *_, sc in cells]
-    if ray_address:
-        scenarios = [sc.replace(**{"run.ray_address": ray_address}) for sc in scenarios]
+    chosen = _run_tuning(sweep, out_dir, ray_address) if sweep.tune else None
+    cells = sweep.cells(chosen)
     dirs = [
         out_dir / "cells" / _slug(setting.label) / _slug(strategy.label) / f"seed{seed}"
         for strategy, setting, seed, _ in cells
@@ -198,11 +309,49 @@ def run_sweep(
         if on_cell is not None:
             on_cell(i + 1, cell)
 
-    run_batch(scenarios, dirs, on_done=done)
+    run_batch(_address([sc for *_, sc in cells], ray_address), dirs, on_done=done)
     paths = write_compare(
         results, out_dir, target=sweep.target, title=sweep.name, columns=sweep.columns
     )
+    if chosen is not None:
+        paths["tuning"] = out_dir / "tuning.md"
     return out_dir, paths
+
+
+def _address(scenarios: list[Scenario], ray_address: str | None) -> list[Scenario]:
+    if not ray_address:
+        return scenarios
+    return [sc.replace(**{"run.ray_address": ray_address}) for sc in scenarios]
+
+
+def _run_tuning(sweep: Sweep, out_dir: Path, ray_address: str | None) -> dict[tuple[str, str], Any]:
+    """Run the ``[tune]`` grid, write ``tuning.md`` and return the chosen values."""
+    from fedopt.claims import cell_metric
+    from fedopt.report import write_text_atomic
+    from fedopt.tuning import choose, format_tuning
+
+    assert sweep.tune is not None
+    grid = sweep.tuning_cells()
+    dirs = [
+        out_dir / "tuning" / _slug(setting.label) / _slug(strategy.label) / f"{value}-seed{seed}"
+        for strategy, setting, value, seed, _ in grid
+    ]
+    got: dict[tuple[str, str, Any], list[float | None]] = {}
+
+    def done(i: int, res: Any) -> None:
+        strategy, setting, value, _, _ = grid[i]
+        metric = cell_metric(res.rows, res.summary, sweep.tune.metric, target=sweep.target)
+        got.setdefault((strategy.label, setting.label, value), []).append(metric)
+
+    def diverged(i: int, err: Exception) -> None:
+        strategy, setting, value, _, _ = grid[i]
+        got.setdefault((strategy.label, setting.label, value), []).append(None)
+
+    scenarios = _address([sc for *_, sc in grid], ray_address)
+    run_batch(scenarios, dirs, on_done=done, on_diverged=diverged)
+    chosen = choose(sweep.tune, got)
+    write_text_atomic(out_dir / "tuning.md", format_tuning(sweep.tune, got, chosen) + "\n")
+    return chosen
 
 
 def _slug(text: str) -> str:

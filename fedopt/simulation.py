@@ -35,7 +35,7 @@ from fedopt import engine, ray_backend
 from fedopt.checkpoint import Checkpoint, StopRequest, latest_checkpoint, stop_on_signals
 from fedopt.clientapp import make_client_app
 from fedopt.config import Scenario, load_scenario
-from fedopt.errors import ConfigError, RunInterrupted
+from fedopt.errors import ConfigError, DivergenceError, RunInterrupted
 from fedopt.privacy.secrecy import NoiseKey, wants_secret
 from fedopt.registry import STRATEGIES
 from fedopt.report import MetricsLog, read_metrics, write_run_files
@@ -281,6 +281,7 @@ def run_batch(
     on_done: Callable[[int, RunResult], None] | None = None,
     tasks: Sequence[Task] | None = None,
     restore: Sequence[Checkpoint | None] | None = None,
+    on_diverged: Callable[[int, DivergenceError], None] | None = None,
 ) -> list[RunResult]:
     """Run several scenarios one after another in ONE Flower simulation (one Ray start-up).
 
@@ -291,6 +292,9 @@ def run_batch(
     scenarios one by one. All runs must ask for the same client resources.
     ``tasks`` are the scenarios' already built tasks, when the caller has them;
     ``restore`` gives a checkpoint to continue from per scenario (or None).
+    With ``on_diverged``, a run whose training diverges is reported there and
+    the batch goes on with the next run (a rate grid expects some to); without
+    it, the divergence stops the batch.
     Ctrl-C or SIGTERM stops the run in progress after its round with a
     checkpoint (:class:`~fedopt.errors.RunInterrupted`); a second one stops at once.
     """
@@ -333,6 +337,12 @@ def run_batch(
                     stop=stop,
                     noise_key=noise_keys.get(key),
                 )
+            except DivergenceError as err:
+                if on_diverged is None:
+                    outcome["error"] = err
+                    return
+                on_diverged(i, err)
+                continue
             except BaseException as err:
                 outcome["error"] = err
                 return
