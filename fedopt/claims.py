@@ -208,7 +208,9 @@ def cell_metric(
     """One run's value of ``metric``.
 
     Summary keys (``final_accuracy``, ``bytes_total``, ...) come from the summary;
-    ``bytes_per_round`` is ``bytes_total / rounds``; ``rounds_to_target`` and
+    ``bytes_per_round`` is ``bytes_total / rounds``; ``bytes_per_client_round``
+    the training traffic of the rounds (down and up) over the clients they
+    trained; ``rounds_to_target`` and
     ``sim_time_to_target`` need the sweep's ``target_accuracy`` and, for a run that
     never reached it, are the run's whole length (a censored value: the true one is
     larger); any other name is the last value the key took in the rows.
@@ -225,6 +227,11 @@ def cell_metric(
             return float(got if got is not None else full.get("rounds") or len(rows))
         got_t = time_to_target(rows, target=target)
         return got_t if got_t is not None else _as_float(full.get("sim_time"))
+    if metric == "bytes_per_client_round":
+        moved = sum(_as_float(r.get("bytes_down")) or 0.0 for r in rows)
+        moved += sum(_as_float(r.get("bytes_up")) or 0.0 for r in rows)
+        replies = sum(_as_float(r.get("num_clients")) or 0.0 for r in rows)
+        return moved / replies if replies else None
     if metric == "bytes_per_round":
         total, rounds = _as_float(full.get("bytes_total")), _as_float(full.get("rounds"))
         return None if total is None or not rounds else total / rounds

@@ -154,14 +154,28 @@ def _variants(raw: Any, key: str) -> tuple[Variant, ...]:
     return tuple(out)
 
 
-def _quick(raw: dict[str, Any]) -> dict[str, Any]:
-    """The sweep's quick tier: ``[quick]`` applied over the sweep's own keys."""
+def _quick(raw: dict[str, Any], *, apply: bool) -> dict[str, Any]:
+    """The sweep's quick tier: ``[quick]`` applied over the sweep's own keys.
+
+    The table is validated on every load (``apply`` false returns ``raw``), so a
+    typo in it shows before the full tier runs, not first in CI.
+    """
     quick = raw.get("quick", {})
     if not isinstance(quick, Mapping):
         raise ConfigError("quick", quick, "a table of quick-tier keys ([quick])")
     for key in quick:
         if key not in _QUICK_KEYS:
             raise ConfigError(f"quick.{key}", quick[key], f"one of {', '.join(_QUICK_KEYS)}")
+    for key in ("strategies", "settings"):
+        keep = quick.get(key, [])
+        if not isinstance(keep, list) or not all(isinstance(k, str) for k in keep):
+            raise ConfigError(f"quick.{key}", keep, f"a list of {key} labels to keep")
+        labels = [v.get("label") for v in raw.get(key) or () if isinstance(v, Mapping)]
+        for label in keep:
+            if label not in labels:
+                raise ConfigError(f"quick.{key}", label, f"a label of the sweep's {key}")
+    if not apply:
+        return raw
     out = dict(raw)
     if "seeds" in quick:
         out["seeds"] = quick["seeds"]
@@ -170,12 +184,17 @@ def _quick(raw: dict[str, Any]) -> dict[str, Any]:
         out["tune"] = merge(raw["tune"], quick["tune"])
     for key in ("strategies", "settings"):
         if key in quick:
-            keep = quick[key]
-            labels = [v.get("label") for v in raw.get(key) or () if isinstance(v, Mapping)]
-            for label in keep if isinstance(keep, list) else [keep]:
-                if label not in labels:
-                    raise ConfigError(f"quick.{key}", label, f"a label of the sweep's {key}")
-            out[key] = [v for v in raw[key] if v.get("label") in keep]
+            out[key] = [v for v in raw[key] if v.get("label") in quick[key]]
+    tune = out.get("tune")
+    if (
+        "strategies" in quick
+        and isinstance(tune, Mapping)
+        and isinstance(tune.get("strategies"), list)
+    ):
+        out["tune"] = {
+            **tune,
+            "strategies": [s for s in tune["strategies"] if s in quick["strategies"]],
+        }
     if "expect" in raw and ("strategies" in quick or "settings" in quick):
         out["expect"] = [k for row in raw["expect"] if (k := _kept(row, out)) is not None]
     return out
@@ -193,11 +212,13 @@ def _kept(row: Any, raw: Mapping[str, Any]) -> Any:
     wanted = {row.get("better"), row.get("than", row.get("better"))}
     if raw.get("strategies") is not None and not wanted <= names:
         return None
-    if raw.get("settings") is None or "settings" not in row:
+    if raw.get("settings") is None:
         return row
-    kept = {v.get("label") for v in raw["settings"] if isinstance(v, Mapping)}
-    settings = [s for s in row["settings"] if s in kept]
-    return {**row, "settings": settings} if settings else None
+    kept = [v.get("label") for v in raw["settings"] if isinstance(v, Mapping)]
+    settings = [s for s in row.get("settings", kept) if s in kept]
+    if not settings or (row.get("kind") == "gap_grows" and len(settings) < 2):
+        return None
+    return {**row, "settings": settings}
 
 
 def load_sweep(path: str | Path, sets: Sequence[str] = (), *, quick: bool = False) -> Sweep:
@@ -213,8 +234,7 @@ def load_sweep(path: str | Path, sets: Sequence[str] = (), *, quick: bool = Fals
             raise ConfigError(
                 key, raw[key], f"a sweep key ({', '.join(_KEYS)}){did_you_mean(key, _KEYS)}"
             )
-    if quick:
-        raw = _quick(raw)
+    raw = _quick(raw, apply=quick)
     base: dict[str, Any] = {}
     if "base" in raw:
         if not isinstance(raw["base"], str):

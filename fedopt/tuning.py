@@ -109,7 +109,7 @@ def parse_tune(raw: Any, *, strategies: Sequence[str], seeds: Sequence[int]) -> 
 
 def _score(values: Sequence[float | None], higher: bool) -> float:
     nums = [v for v in values if v is not None and math.isfinite(v)]
-    if not nums:
+    if not nums or len(nums) < len(values):  # one diverged seed sinks the value
         return -math.inf
     mean = statistics.fmean(nums)
     return mean if higher else -mean
@@ -121,10 +121,12 @@ def choose(
     """The best value per (strategy, setting); ties go to the earlier value of the grid.
 
     ``results[(strategy, setting, value)]`` holds the metric of each tuning seed;
-    a run that diverged (None) counts as the worst.
+    a value with a diverged run (None) on any tuning seed counts as the worst.
     """
     best: dict[tuple[str, str], tuple[float, Any]] = {}
-    for (strategy, setting, value), got in results.items():
+    order = {repr(v): i for i, v in enumerate(tune.values)}
+    ranked = sorted(results.items(), key=lambda kv: order.get(repr(kv[0][2]), len(order)))
+    for (strategy, setting, value), got in ranked:
         score = _score(got, tune.higher_is_better)
         pair = (strategy, setting)
         if pair not in best or score > best[pair][0]:
