@@ -39,7 +39,7 @@ from fedopt.config import Scenario, apply_overrides, parse_scenario, read_toml
 from fedopt.errors import ConfigError, did_you_mean
 from fedopt.simulation import make_run_dir, run_batch
 from fedopt.tables import CellResult, write_compare
-from fedopt.tuning import Tune, dotted, parse_tune
+from fedopt.tuning import Tune, check_seeds, dotted, parse_tune
 
 __all__ = ["Sweep", "Variant", "load_sweep", "run_sweep"]
 
@@ -247,15 +247,7 @@ def load_sweep(path: str | Path, sets: Sequence[str] = (), *, quick: bool = Fals
         raise ConfigError("scenario", raw["scenario"], "a table of scenario keys ([scenario])")
     base = merge(base, raw.get("scenario", {}))
     base = apply_overrides(base, sets)
-    seeds = raw.get("seeds", [0])
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
-    ):
-        raise ConfigError("seeds", seeds, "a non-empty list of integers >= 0")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError("seeds", seeds, "distinct seeds")
+    seeds = check_seeds(raw.get("seeds", [0]), "seeds")
     target = raw.get("target_accuracy")
     if target is not None and (
         isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1

@@ -27,7 +27,7 @@ from typing import Any
 from fedopt.claims import higher_is_better
 from fedopt.errors import ConfigError, did_you_mean
 
-__all__ = ["Tune", "choose", "dotted", "format_tuning", "parse_tune"]
+__all__ = ["Tune", "check_seeds", "choose", "dotted", "format_tuning", "parse_tune"]
 
 _FIELDS = ("key", "values", "metric", "seeds", "strategies", "direction")
 
@@ -55,6 +55,19 @@ def dotted(key: str, value: Any) -> dict[str, Any]:
     return out
 
 
+def check_seeds(seeds: Any, key: str) -> list[int]:
+    """``seeds`` as a list of distinct integers >= 0, or a ConfigError naming ``key``."""
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
+        raise ConfigError(key, seeds, "a non-empty list of integers >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(key, seeds, "distinct seeds")
+    return seeds
+
+
 def parse_tune(raw: Any, *, strategies: Sequence[str], seeds: Sequence[int]) -> Tune | None:
     """Validate a sweep's ``[tune]`` table (None when the sweep has none).
 
@@ -77,13 +90,7 @@ def parse_tune(raw: Any, *, strategies: Sequence[str], seeds: Sequence[int]) -> 
     values = raw.get("values")
     if not isinstance(values, list) or len(values) < 2:
         raise ConfigError("tune.values", values, "a list of two or more values to try")
-    tseeds = raw.get("seeds", [1000])
-    if (
-        not isinstance(tseeds, list)
-        or not tseeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in tseeds)
-    ):
-        raise ConfigError("tune.seeds", tseeds, "a non-empty list of integers >= 0")
+    tseeds = check_seeds(raw.get("seeds", [1000]), "tune.seeds")
     if set(tseeds) & set(seeds):
         shared = sorted(set(tseeds) & set(seeds))
         raise ConfigError("tune.seeds", tseeds, f"seeds apart from the sweep's (shared: {shared})")
