@@ -170,7 +170,8 @@ def _quick(raw: dict[str, Any], *, apply: bool) -> dict[str, Any]:
         keep = quick.get(key, [])
         if not isinstance(keep, list) or not all(isinstance(k, str) for k in keep):
             raise ConfigError(f"quick.{key}", keep, f"a list of {key} labels to keep")
-        labels = [v.get("label") for v in raw.get(key) or () if isinstance(v, Mapping)]
+        entries = raw.get(key) if isinstance(raw.get(key), list) else []
+        labels = [v.get("label") for v in entries if isinstance(v, Mapping)]
         for label in keep:
             if label not in labels:
                 raise ConfigError(f"quick.{key}", label, f"a label of the sweep's {key}")
@@ -184,7 +185,9 @@ def _quick(raw: dict[str, Any], *, apply: bool) -> dict[str, Any]:
         out["tune"] = merge(raw["tune"], quick["tune"])
     for key in ("strategies", "settings"):
         if key in quick:
-            out[key] = [v for v in raw[key] if v.get("label") in quick[key]]
+            out[key] = [
+                v for v in raw[key] if isinstance(v, Mapping) and v.get("label") in quick[key]
+            ]
     tune = out.get("tune")
     if (
         "strategies" in quick
@@ -215,7 +218,10 @@ def _kept(row: Any, raw: Mapping[str, Any]) -> Any:
     if raw.get("settings") is None:
         return row
     kept = [v.get("label") for v in raw["settings"] if isinstance(v, Mapping)]
-    settings = [s for s in row.get("settings", kept) if s in kept]
+    wanted = row.get("settings", kept)
+    settings = [s for s in wanted if s in kept] if isinstance(wanted, list) else wanted
+    if not isinstance(settings, list):
+        return row  # parse_claims names the bad value
     if not settings or (row.get("kind") == "gap_grows" and len(settings) < 2):
         return None
     return {**row, "settings": settings}
