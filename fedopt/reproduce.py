@@ -7,23 +7,31 @@ grid when the sweep has one, one plot, each claim's verdict with its margin
 and standard error, and for every claim that does not hold the sweep's
 ``diagnose`` metrics per strategy, measured on the same runs. ``--quick``
 runs each sweep's quick tier (its ``[quick]`` table), the smoke test CI runs.
+
+Each sweep's section is also stored as JSON next to the report
+(``<report stem>/<name>.json``, with the plot), stamped with when, at which
+commit and on which sweep definition it was measured. ``--only`` reruns some
+sweeps and the report is rebuilt from every stored section of the same tier,
+so one method's sweep can be remeasured without the whole suite; a section
+whose sweep definition changed since it was measured is marked stale.
 """
 
 from __future__ import annotations
 
-import shutil
 import statistics
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fedopt.claims import Verdict, cell_metric, judge
 from fedopt.compare import Sweep, load_sweep, run_sweep
 from fedopt.errors import ConfigError
-from fedopt.report import write_text_atomic
+from fedopt.report import write_json_atomic, write_text_atomic
+from fedopt.repro_report import load_sections, render, section_of, sweep_digest
 from fedopt.tables import CellResult
 
-__all__ = ["PAPERS_DIR", "SweepReport", "find_sweeps", "judge_sweep", "render", "reproduce"]
+__all__ = ["PAPERS_DIR", "SweepReport", "find_sweeps", "judge_sweep", "reproduce"]
 
 PAPERS_DIR = Path(__file__).resolve().parent.parent / "scenarios" / "papers"
 
@@ -102,19 +110,23 @@ def reproduce(
 ) -> list[SweepReport]:
     """Run each sweep (validated all before the first starts), judge it, write ``report``.
 
-    Plots are copied next to the report (``<report stem>/<sweep>.png``) so the
-    report stays readable where it is committed.
+    Each finished sweep's section is stored as ``<report stem>/<name>.json``
+    (with its plot) and the report is rebuilt from every stored section of
+    the same tier whose sweep is still in the suite (``find_sweeps()`` of the
+    folder of ``paths``), so sweeps not rerun keep their last measurement.
     """
-    import time
-
     sweeps = [load_sweep(p, quick=quick) for p in paths]
+    current = {}
+    if report is not None and paths:
+        for p in find_sweeps(Path(paths[0]).parent):
+            sw = load_sweep(p, quick=quick)
+            current[sw.name] = sweep_digest(sw)
     out_reports = []
     for sweep in sweeps:
         cells: list[CellResult] = []
         start = time.monotonic()
         out_dir, files = run_sweep(sweep, out=out, on_cell=lambda _i, c, got=cells: got.append(c))
         pngs = files.get("plots") or []
-        plot = Path(pngs[0]) if pngs else None
         tuning = Path(files["tuning"]).read_text() if "tuning" in files else ""
         table = Path(files["markdown"]).read_text().split("\n\n![")[0]
         table = table.split("\n", 2)[-1].strip()  # drop the "# name" title
@@ -123,7 +135,7 @@ def reproduce(
             out_dir=out_dir,
             table=table,
             tuning=tuning,
-            plot=plot,
+            plot=Path(pngs[0]) if pngs else None,
             verdicts=tuple(judge_sweep(sweep, cells)),
             diagnosis=diagnose(sweep, cells),
             wall_s=time.monotonic() - start,
@@ -131,60 +143,13 @@ def reproduce(
         out_reports.append(result)
         if on_sweep is not None:
             on_sweep(result)
-        if report is not None:  # rewritten after every sweep: an interrupted suite keeps its part
-            write_text_atomic(report, render(out_reports, quick=quick, report=report))
-    return out_reports
-
-
-def _copy_plot(result: SweepReport, report: Path) -> str:
-    if result.plot is None or not result.plot.exists():
-        return ""
-    folder = report.parent / report.stem
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{result.sweep.name}.png"
-    shutil.copyfile(result.plot, target)
-    return f"![{result.sweep.name}]({report.stem}/{target.name})\n\n"
-
-
-def render(results: Sequence[SweepReport], *, quick: bool, report: Path) -> str:
-    """The Markdown report: a verdict summary, then one section per sweep."""
-    held = sum(all(v.holds for v in r.verdicts) for r in results if r.verdicts)
-    judged = sum(bool(r.verdicts) for r in results)
-    tier = "quick tier: 1 seed, few rounds, a smoke test, not evidence" if quick else "full tier"
-    minutes = sum(r.wall_s for r in results) / 60
-    lines = [
-        "# Reproductions",
-        "",
-        f"Written by `fedopt reproduce` ({tier}); {len(results)} sweeps in "
-        f"{minutes:.1f} minutes of wall time. A claim holds when its rule in "
-        "`fedopt/claims.py` is met by the mean paired (same-seed) difference and its "
-        "standard error.",
-        "",
-        f"**{held} of {judged} sweeps: every claim holds.**",
-        "",
-        "| sweep | paper | claim | verdict | where and by how much |",
-        "|---|---|---|---|---|",
-    ]
-    for r in results:
-        for v in r.verdicts:
-            lines.append(
-                f"| {r.sweep.name} | {r.sweep.paper} | {v.claim.claim} | "
-                f"**{v.word}** | {v.detail} |"
+        if report is not None:  # rebuilt after every sweep: an interrupted suite keeps its part
+            folder = report.parent / report.stem
+            section = section_of(result, quick=quick, folder=folder)
+            write_json_atomic(folder / f"{section.name}.json", asdict(section))
+            stored = load_sections(folder, quick=quick)
+            kept = [stored[name] for name in sorted(current) if name in stored]
+            write_text_atomic(
+                report, render(kept, quick=quick, current=current, images=report.stem)
             )
-    lines.append("")
-    for r in results:
-        lines += [f"## {r.sweep.name}", ""]
-        if r.sweep.paper:
-            lines += [f"Paper: {r.sweep.paper}. Seeds: {', '.join(map(str, r.sweep.seeds))}.", ""]
-        lines += [f"Run directory: `{r.out_dir}` ({r.wall_s / 60:.1f} min).", "", r.table, ""]
-        if r.tuning:
-            lines += [r.tuning.strip(), ""]
-        lines.append(_copy_plot(r, report).rstrip("\n"))
-        lines.append("")
-        for v in r.verdicts:
-            lines.append(f"- {v.claim.claim}: **{v.word}**; {v.detail}")
-        lines.append("")
-        if r.diagnosis and not all(v.holds for v in r.verdicts):
-            lines += ["Measured for the claims that do not hold (final values):", "", r.diagnosis]
-            lines.append("")
-    return "\n".join(lines).rstrip("\n") + "\n"
+    return out_reports

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
+import shutil
+from dataclasses import asdict
 
 import pytest
 
-from fedopt.claims import Claim, Verdict
 from fedopt.compare import load_sweep
 from fedopt.errors import ConfigError
-from fedopt.reproduce import PAPERS_DIR, SweepReport, find_sweeps, render, reproduce
+from fedopt.repro_report import Section, load_sections, render, sweep_digest
+from fedopt.reproduce import PAPERS_DIR, find_sweeps, reproduce
 
 
 def test_every_paper_sweep_has_claims_three_seeds_and_a_quick_tier():
@@ -34,48 +36,100 @@ def test_an_unknown_sweep_name_is_one_line(tmp_path):
         find_sweeps(tmp_path)
 
 
-def _report(tmp_path: Path, holds: tuple[bool, ...]) -> SweepReport:
-    sweep = load_sweep(PAPERS_DIR / "dp_sgd.toml")
-    claim = sweep.claims[0]
-    verdicts = tuple(
-        Verdict(claim, h, 0.1 if h else -0.1, 0.01, 3, f"detail {i}") for i, h in enumerate(holds)
+def _section(name: str, holds: tuple[bool, ...], **kw) -> Section:
+    verdicts = tuple((f"claim {i}", h, f"detail {i}") for i, h in enumerate(holds))
+    base = dict(
+        name=name,
+        paper="P",
+        seeds=(0, 1, 2),
+        quick=False,
+        out_dir="runs/x",
+        wall_s=60.0,
+        table="| t |",
+        tuning="",
+        diagnosis="| diag |",
+        plot="",
+        verdicts=verdicts,
+        digest="d0",
+        measured="2026-12-03 12:00 UTC",
+        commit="abc123",
     )
-    return SweepReport(sweep, tmp_path, "| t |", "", None, verdicts, "| diag |", 60.0)
+    return Section(**{**base, **kw})
 
 
-def test_render_counts_sweeps_whose_claims_all_hold_and_diagnoses_the_rest(tmp_path):
-    ok, bad = _report(tmp_path, (True, True)), _report(tmp_path, (True, False))
-    text = render([ok, bad], quick=False, report=tmp_path / "r.md")
+def test_render_counts_sweeps_whose_claims_all_hold_and_diagnoses_the_rest():
+    text = render([_section("a", (True, True)), _section("b", (True, False))], quick=False)
     assert "**1 of 2 sweeps: every claim holds.**" in text
     assert text.count("**does not hold**") == 2  # summary row and section line
     assert text.count("| diag |") == 1  # only the failing sweep is diagnosed
     assert "2.0 minutes" in text and "full tier" in text
+    assert "Measured 2026-12-03 12:00 UTC, commit abc123, 1.0 min" in text
 
 
-def test_claim_rows_render_with_their_numbers(tmp_path):
-    claim = Claim("a beats b", "beats", "a", "b", "final_accuracy", ("s",))
-    verdict = Verdict(claim, True, 0.25, 0.05, 3, "s: a over b +0.25 ± 0.05 SE")
-    assert verdict.word == "holds"
-    rep = _report(tmp_path, ())
-    text = render(
-        [SweepReport(**{**rep.__dict__, "verdicts": (verdict,)})],
-        quick=True,
-        report=tmp_path / "r.md",
-    )
-    assert "| a beats b | **holds** | s: a over b +0.25 ± 0.05 SE |" in text
+def test_claim_rows_render_with_their_numbers():
+    section = _section("s", (), verdicts=(("a beats b", True, "s: a over b +0.25 ± 0.05 SE"),))
+    text = render([section], quick=True)
+    assert "| s | P | a beats b | **holds** | s: a over b +0.25 ± 0.05 SE |" in text
     assert "quick tier" in text
+
+
+def test_a_section_measured_on_another_definition_is_marked_stale():
+    text = render(
+        [_section("a", (True,)), _section("b", (True,))],
+        quick=False,
+        current={"a": "d0", "b": "d1"},
+    )
+    assert "## a\n" in text and "## b (stale)" in text
+    assert "Stale (the sweep changed since it was measured): b." in text
+
+
+def test_sections_round_trip_through_json_and_tiers_stay_apart(tmp_path):
+    full, quick = _section("a", (True, False)), _section("a", (True,), quick=True)
+    (tmp_path / "a.json").write_text(json.dumps(asdict(full)))
+    (tmp_path / "q.json").write_text(json.dumps(asdict(quick)))
+    (tmp_path / "torn.json").write_text("{")
+    assert load_sections(tmp_path, quick=False) == {"a": full}
+    assert load_sections(tmp_path, quick=True) == {"a": quick}
+
+
+def test_the_digest_follows_the_sweep_definition():
+    a = load_sweep(PAPERS_DIR / "dp_sgd.toml")
+    b = load_sweep(PAPERS_DIR / "dp_sgd.toml", sets=["run.rounds=3"])
+    assert sweep_digest(a) == sweep_digest(load_sweep(PAPERS_DIR / "dp_sgd.toml"))
+    assert sweep_digest(a) != sweep_digest(b)
+    assert sweep_digest(a) != sweep_digest(load_sweep(PAPERS_DIR / "dp_sgd.toml", quick=True))
 
 
 @pytest.mark.slow
 def test_the_quick_tier_of_the_whole_suite_runs_and_reports(tmp_path):
+    # the suite copied, plus a sweep not rerun now whose stored section must be kept (stale:
+    # measured on another definition) and a stored section of a sweep no longer in the suite
+    papers = tmp_path / "scenarios" / "papers"
+    papers.mkdir(parents=True)
+    for path in PAPERS_DIR.parent.glob("*.toml"):  # bases the sweeps may name
+        shutil.copyfile(path, papers.parent / path.name)
+    for path in find_sweeps():
+        shutil.copyfile(path, papers / path.name)
+    text = (PAPERS_DIR / "dp_sgd.toml").read_text().replace('name = "dp_sgd"', 'name = "extra"')
+    (papers / "extra.toml").write_text(text)
     report = tmp_path / "reproductions.md"
-    results = reproduce(find_sweeps(), quick=True, out=tmp_path / "runs", report=report)
+    (tmp_path / "reproductions").mkdir()
+    for name in ("extra", "gone"):
+        kept = _section(name, (True,), quick=True, digest="old")
+        (tmp_path / "reproductions" / f"{name}.json").write_text(json.dumps(asdict(kept)))
+    paths = [p for p in find_sweeps(papers) if p.stem != "extra"]
+    results = reproduce(paths, quick=True, out=tmp_path / "runs", report=report)
     text = report.read_text()
+    assert len(results) == len(find_sweeps())
     for result in results:
         assert result.verdicts, result.sweep.name
         assert all(v.seeds == 1 and v.stderr is None for v in result.verdicts)
-        assert f"## {result.sweep.name}" in text
+        assert f"## {result.sweep.name}\n" in text
         assert (tmp_path / "reproductions" / f"{result.sweep.name}.png").stat().st_size > 1000
+        stored = load_sections(tmp_path / "reproductions", quick=True)[result.sweep.name]
+        assert stored.digest == sweep_digest(result.sweep)
+        assert [v[1] for v in stored.verdicts] == [v.holds for v in result.verdicts]
+    assert "## extra (stale)" in text and "## gone" not in text
     # a verdict follows from its own numbers: beats with one seed holds iff advantage > margin
     for result in results:
         for v in result.verdicts:
