@@ -401,20 +401,41 @@ def apply_overrides(raw: Mapping[str, Any], sets: Sequence[str]) -> dict[str, An
     return out
 
 
+#: The largest scenario or sweep file read (a scenario is a few KB; this refuses /dev/zero).
+MAX_TOML_BYTES = 1 << 20
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file; a missing or unreadable file or bad syntax is a :class:`ConfigError`."""
+    """Read a TOML file; a missing, unreadable, oversized file or bad syntax is a ConfigError."""
     path = Path(path)
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh)
+            data = fh.read(MAX_TOML_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError("scenario", str(path), "an existing TOML file") from None
     except OSError as err:  # a directory, no permission
         raise ConfigError("scenario", str(path), f"a readable file ({err.strerror})") from None
+    except ValueError as err:  # an embedded null byte
+        raise ConfigError("scenario", str(path), f"a file path ({err})") from None
+    if len(data) > MAX_TOML_BYTES:
+        raise ConfigError("scenario", str(path), f"a TOML file of at most {MAX_TOML_BYTES} bytes")
+    try:
+        return tomllib.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as err:  # bad syntax or UTF-8, huge integer, deep nesting
         raise ConfigError("scenario", str(path), f"valid TOML ({err})") from None
 
 
 def load_scenario(path: str | Path, sets: Sequence[str] = ()) -> Scenario:
-    """Read, override and validate a scenario file."""
-    return parse_scenario(apply_overrides(read_toml(path), sets))
+    """Read, override and validate a scenario file; an empty file is refused.
+
+    An empty file would silently run every default, which is almost always a
+    wrong path or an unsaved editor buffer rather than intent.
+    """
+    raw = read_toml(path)
+    if not raw:
+        raise ConfigError(
+            "scenario",
+            str(path),
+            "a scenario with at least one key (it is empty; start from scenarios/quickstart.toml)",
+        )
+    return parse_scenario(apply_overrides(raw, sets))

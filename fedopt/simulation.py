@@ -75,14 +75,28 @@ def versions() -> dict[str, str]:
 
 
 def make_run_dir(out: Path, name: str) -> Path:
-    """Create ``out/<name>/<timestamp>`` (suffixed when taken) and return it."""
+    """Create ``out/<name>/<timestamp>`` (suffixed when taken) and return it.
+
+    The directory is claimed by ``mkdir`` itself, so two runs started in the
+    same second never share one. An ``out`` that cannot hold it (a file, a
+    read-only or full file system, no permission) is a one-line ConfigError.
+    """
     base = Path(out).expanduser().resolve() / name / datetime.now().strftime("%Y%m%d-%H%M%S")
     path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    path.mkdir(parents=True)
-    return path
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            if not path.is_dir():  # a file stands where a directory is needed
+                file = next(p for p in (path, *path.parents) if p.exists() and not p.is_dir())
+                raise ConfigError("--out", str(out), f"a directory; {file} is a file") from None
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+        except OSError as err:  # read-only, no permission, a file in the path, disk full
+            raise ConfigError(
+                "--out", str(out), f"a directory fedopt can create and write ({err.strerror})"
+            ) from None
 
 
 def write_scenario(run_dir: Path, scenario: Scenario) -> Path:

@@ -446,6 +446,10 @@ def roots_of(raw: Any, sets: Sequence[str] = ()) -> set[str]:
 def test_random_tables_validate_or_name_a_key(raw, scratch):
     direct = outcome(lambda: parse_scenario(raw), roots_of(raw))
     path = write(scratch / "random.toml", raw)
+    if not raw:  # an empty file is refused by name, where an empty table validates
+        with pytest.raises(ConfigError, match="it is empty"):
+            load_scenario(path)
+        return
     same(direct, outcome(lambda: load_scenario(path), roots_of(raw)))
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from fedopt.params import check
 from fedopt.registry import DATASETS
 
 __all__ = [
+    "MAX_CLASSES",
     "CsvParams",
     "HfParams",
     "NpzParams",
@@ -34,15 +37,60 @@ def _existing(path: str, key: str = "data.path", *, is_dir: bool = False) -> Pat
     return p
 
 
-def _labels(values: Any, key: str, value: Any, where: str) -> np.ndarray:
-    """Convert ``values`` to int64 labels or raise when they are not integers >= 0."""
+#: The most classes a file's labels may name (labels are class indices below it).
+MAX_CLASSES = 100_000
+
+
+def _labels(
+    values: Any, key: str, value: Any, where: str, *, row: Callable[[int], str] | None = None
+) -> np.ndarray:
+    """Convert ``values`` to int64 labels or raise naming the first that is not a class index."""
     try:
         arr = np.asarray(values, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(key, value, f"integer class labels >= 0 in {where}") from None
-    if arr.size and (not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)) or arr.min() < 0):
-        raise ConfigError(key, value, f"integer class labels >= 0 in {where}")
+    bad = ~np.isfinite(arr) | (arr != np.round(arr)) | (arr < 0) | (arr >= MAX_CLASSES)
+    if bad.any():
+        first = int(np.argmax(bad))
+        name = (row or "example {}".format)(first)
+        raise ConfigError(
+            key,
+            value,
+            f"integer class labels in [0, {MAX_CLASSES}) in {where}; "
+            f"{name} has label {np.asarray(values).reshape(-1)[first]}",
+        )
     return arr.astype(np.int64)
+
+
+def _features(
+    x: np.ndarray, key: str, value: Any, *, row: Callable[[int], str], column: Callable[[int], str]
+) -> np.ndarray:
+    """``x`` as float32, or raise naming the first entry that is not a finite real number.
+
+    Values beyond float32's range (|x| > 3.4e38) become infinite and are refused
+    too: they would turn the first forward pass into NaN.
+    """
+    if x.dtype.kind not in "biuf":
+        raise ConfigError(key, value, f"real numeric features, not dtype {x.dtype}")
+    if x.ndim < 2 or 0 in x.shape[1:]:
+        raise ConfigError(key, value, f"at least one feature per example, got shape {x.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = x.astype(np.float32)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        c = int(np.ravel_multi_index(first[1:], x.shape[1:]))
+        raise ConfigError(
+            key,
+            value,
+            f"finite features within float32 range; {row(first[0])}, {column(c)} is {x[first]}",
+        )
+    return out
+
+
+def _one_class_warning(y: np.ndarray, where: str) -> None:
+    if len(y) > 1 and np.all(y == y[0]):
+        warnings.warn(f"every training example of {where} has label {int(y[0])}", stacklevel=3)
 
 
 def _ids(values: Any) -> np.ndarray:
@@ -83,6 +131,7 @@ def _task(
     if found > classes:
         raise ConfigError(label_key, found - 1, f"labels below the {classes} classes of {path}")
     name = f"{task} data at {path}"
+    _one_class_warning(y, name)
     data = Dataset(x, y, classes, ids, name=name)
     if test is None:
         train_ds, test_ds = holdout(data, test_fraction=test_fraction, seed=seed)
@@ -132,7 +181,14 @@ def _read_npz(path: str, key: str, p: NpzParams, *, need_ids: bool) -> tuple:
     ids = _ids(arrays[p.natural_id_key]) if len(wanted) == 3 else None
     if ids is not None and ids.shape != y.shape:
         raise ConfigError("data.natural_id_key", p.natural_id_key, f"an array of shape {y.shape}")
-    return x.astype(np.float32), _labels(y, "data.y_key", p.y_key, path), ids
+    x = _features(
+        x,
+        "data.x_key",
+        p.x_key,
+        row=lambda r: f"example {r} of {path}",
+        column=lambda c: f"flat feature {c}",
+    )
+    return x, _labels(y, "data.y_key", p.y_key, path), ids
 
 
 def load_npz(params: NpzParams, *, test_fraction: float, seed: int) -> TaskData:
@@ -184,7 +240,7 @@ def _read_csv(path: str, key: str, p: CsvParams, features: list[str] | None) -> 
         raise ConfigError(key, path, f"feature columns {features} besides the label column")
     cols = [header.index(c) for c in features]
     try:
-        x = table[:, cols].astype(np.float32)
+        x = table[:, cols].astype(np.float64)
     except ValueError:
         bad = next(
             ((r, c) for r in range(len(table)) for c in cols if not _is_float(table[r, c])),
@@ -193,7 +249,20 @@ def _read_csv(path: str, key: str, p: CsvParams, features: list[str] | None) -> 
         raise ConfigError(
             key, path, f"numeric features; row {bad[0] + 2}, column '{header[bad[1]]}' is not"
         ) from None
-    y = _labels(table[:, header.index(p.label_column)], "data.label_column", p.label_column, path)
+    x = _features(
+        x,
+        key,
+        path,
+        row=lambda r: f"row {r + 2}",
+        column=lambda c: f"column '{features[c]}'",
+    )
+    y = _labels(
+        table[:, header.index(p.label_column)],
+        "data.label_column",
+        p.label_column,
+        path,
+        row=lambda r: f"row {r + 2}",
+    )
     ids = None if id_col is None else _ids(table[:, header.index(id_col)])
     return x, y, ids, features
 
@@ -259,6 +328,13 @@ def _read_hf(ds: Any, p: HfParams, split: str) -> tuple:
         )
     if image:
         x = (x[:, None] if x.ndim == 3 else np.moveaxis(x, -1, 1)) / 255.0
+    x = _features(
+        x,
+        "data.feature_column",
+        p.feature_column,
+        row=lambda r: f"example {r} of {where}",
+        column=lambda c: f"flat feature {c}",
+    )
     y = _labels(table[p.label_column][:], "data.label_column", p.label_column, where)
     ids = _ids(table[p.natural_id_column][:]) if p.natural_id_column is not None else None
     return x, y, ids
