@@ -337,15 +337,19 @@ def regenerate(run_dir: Path) -> dict:
     Raises
     ------
     ConfigError
-        ``run_dir`` holds no ``metrics.jsonl``, or its ``summary.json`` is not a JSON object.
+        ``run_dir`` holds no ``metrics.jsonl``, its ``summary.json`` is not a JSON
+        object, or another process is writing it (see :mod:`fedopt.runlock`).
     """
+    from fedopt.runlock import run_lock
+
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
-    extra: dict[str, Any] = {}
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        old = _parse_object(summary_path.read_text(encoding="utf-8"))
-        if old is None:
-            raise ConfigError("run_dir", str(run_dir), "a summary.json holding a JSON object")
-        extra = {k: v for k, v in old.items() if k not in SUMMARY_KEYS}
-    return write_run_files(run_dir, rows, extra=extra)
+    with run_lock(run_dir):  # not while a run or resume is writing it
+        extra: dict[str, Any] = {}
+        summary_path = run_dir / "summary.json"
+        if summary_path.is_file():
+            old = _parse_object(summary_path.read_text(encoding="utf-8"))
+            if old is None:
+                raise ConfigError("run_dir", str(run_dir), "a summary.json holding a JSON object")
+            extra = {k: v for k, v in old.items() if k not in SUMMARY_KEYS}
+        return write_run_files(run_dir, rows, extra=extra)

@@ -163,14 +163,16 @@ def continue_run(plan: ResumePlan, *, on_row: Callable[[Row], None] | None = Non
     Returns the :class:`~fedopt.simulation.RunResult` of the resumed run.
     """
     from fedopt import simulation
+    from fedopt.runlock import run_lock
 
-    _record(plan)
-    lines = [json.dumps(jsonable(row), allow_nan=False) + "\n" for row in plan.rows]
-    write_text_atomic(plan.run_dir / METRICS_FILE, "".join(lines))
-    cb = (lambda i, row: on_row(row)) if on_row is not None else None
-    results = simulation.run_batch(
-        [plan.scenario], [plan.run_dir], on_row=cb, restore=[plan.checkpoint]
-    )
+    with run_lock(plan.run_dir):  # refused, before anything is written, while another writes it
+        _record(plan)
+        lines = [json.dumps(jsonable(row), allow_nan=False) + "\n" for row in plan.rows]
+        write_text_atomic(plan.run_dir / METRICS_FILE, "".join(lines))
+        cb = (lambda i, row: on_row(row)) if on_row is not None else None
+        results = simulation.run_batch(
+            [plan.scenario], [plan.run_dir], on_row=cb, restore=[plan.checkpoint]
+        )
     return results[0]
 
 

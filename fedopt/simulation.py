@@ -19,7 +19,7 @@ import platform
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import metadata
@@ -40,6 +40,7 @@ from fedopt.privacy.secrecy import NoiseKey, wants_secret
 from fedopt.registry import STRATEGIES
 from fedopt.report import MetricsLog, read_metrics, write_run_files
 from fedopt.resumable import Checkpointer
+from fedopt.runlock import run_lock
 from fedopt.server import RoundDriver
 from fedopt.task import Task, build_task
 from fedopt.transport import pack_plan
@@ -320,77 +321,79 @@ def run_batch(
     if tasks is None:
         tasks = [build_task(sc) for sc in scenarios]
     keys = [f"{i}-{sc.fingerprint()}" for i, sc in enumerate(scenarios)]
-    for sc, run_dir in zip(scenarios, run_dirs, strict=True):
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        write_scenario(Path(run_dir), sc)
-    raws = {k: sc.to_dict() for k, sc in zip(keys, scenarios, strict=True)}
-    outcome: dict[str, BaseException] = {}
-    results: list[RunResult] = []
-    restores = list(restore) if restore is not None else [None] * len(scenarios)
-    noise_keys = {
-        k: nk
-        for k, sc, ckpt in zip(keys, scenarios, restores, strict=True)
-        if (nk := run_noise_key(sc, ckpt)) is not None
-    }
-    stop = StopRequest()
+    with ExitStack() as held:
+        for sc, run_dir in zip(scenarios, run_dirs, strict=True):
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            held.enter_context(run_lock(run_dir))  # another process writing it: one line, here
+            write_scenario(Path(run_dir), sc)
+        raws = {k: sc.to_dict() for k, sc in zip(keys, scenarios, strict=True)}
+        outcome: dict[str, BaseException] = {}
+        results: list[RunResult] = []
+        restores = list(restore) if restore is not None else [None] * len(scenarios)
+        noise_keys = {
+            k: nk
+            for k, sc, ckpt in zip(keys, scenarios, restores, strict=True)
+            if (nk := run_noise_key(sc, ckpt)) is not None
+        }
+        stop = StopRequest()
 
-    server_app = ServerApp()
+        server_app = ServerApp()
 
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        for i, (task, run_dir, key) in enumerate(zip(tasks, run_dirs, keys, strict=True)):
-            row_cb = (lambda row, i=i: on_row(i, row)) if on_row is not None else None
-            try:
-                execute_run(
-                    grid,
-                    task,
-                    Path(run_dir),
-                    run_key=key,
-                    on_row=row_cb,
-                    restore=restores[i],
-                    stop=stop,
-                    noise_key=noise_keys.get(key),
-                )
-            except DivergenceError as err:
-                if on_diverged is None:
+        @server_app.main()
+        def main(grid: Grid, context: Context) -> None:
+            for i, (task, run_dir, key) in enumerate(zip(tasks, run_dirs, keys, strict=True)):
+                row_cb = (lambda row, i=i: on_row(i, row)) if on_row is not None else None
+                try:
+                    execute_run(
+                        grid,
+                        task,
+                        Path(run_dir),
+                        run_key=key,
+                        on_row=row_cb,
+                        restore=restores[i],
+                        stop=stop,
+                        noise_key=noise_keys.get(key),
+                    )
+                except DivergenceError as err:
+                    if on_diverged is None:
+                        outcome["error"] = err
+                        return
+                    on_diverged(i, err)
+                    continue
+                except BaseException as err:
                     outcome["error"] = err
                     return
-                on_diverged(i, err)
-                continue
-            except BaseException as err:
-                outcome["error"] = err
-                return
-            results.append(load_result(Path(run_dir)))
-            if on_done is not None:
-                on_done(i, results[-1])
+                results.append(load_result(Path(run_dir)))
+                if on_done is not None:
+                    on_done(i, results[-1])
 
-    client_app = make_client_app(lambda context: raws, noise_keys=noise_keys)
-    env = {"RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0", "FLWR_TELEMETRY_ENABLED": "0"}
-    saved_env = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    ray_backend.install()  # replace Ray workers that die instead of reusing them
-    engine.install()  # event-driven dispatch instead of 0.1 s polling sweeps
-    try:
-        with quiet_engine(Path(run_dirs[0]) / "engine.log"), stop_on_signals(stop):
-            run_simulation(
-                server_app=server_app,
-                client_app=client_app,
-                num_supernodes=max(
-                    pack_plan(sc, num_clients=t.num_clients).nodes
-                    for sc, t in zip(scenarios, tasks, strict=True)
-                ),
-                backend_name="ray",
-                backend_config=backend_config(scenarios[0]),
-            )
-    finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    if "error" in outcome:
-        raise outcome["error"]
-    return results
+        client_app = make_client_app(lambda context: raws, noise_keys=noise_keys)
+        env = {"RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0", "FLWR_TELEMETRY_ENABLED": "0"}
+        saved_env = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        ray_backend.install()  # replace Ray workers that die instead of reusing them
+        engine.install()  # event-driven dispatch instead of 0.1 s polling sweeps
+        try:
+            with quiet_engine(Path(run_dirs[0]) / "engine.log"), stop_on_signals(stop):
+                run_simulation(
+                    server_app=server_app,
+                    client_app=client_app,
+                    num_supernodes=max(
+                        pack_plan(sc, num_clients=t.num_clients).nodes
+                        for sc, t in zip(scenarios, tasks, strict=True)
+                    ),
+                    backend_name="ray",
+                    backend_config=backend_config(scenarios[0]),
+                )
+        finally:
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        if "error" in outcome:
+            raise outcome["error"]
+        return results
 
 
 def run(
