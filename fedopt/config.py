@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 import types
 from collections.abc import Mapping, Sequence
@@ -139,7 +140,11 @@ class RunSection:
     :mod:`fedopt.vectorized`) when the local optimizer can: the same
     arithmetic batched, so results agree to float rounding but not bitwise.
     ``checkpoint_every`` writes a checkpoint every k rounds (0: only when the
-    run is stopped by Ctrl-C or SIGTERM).
+    run is stopped by Ctrl-C or SIGTERM). ``diverge_factor`` and
+    ``diverge_rounds`` stop a run whose loss stays above ``diverge_factor``
+    times max(its first loss, 1) for ``diverge_rounds`` rounds in a row (the
+    training loss, else the central test loss; 0 turns the rule off; see
+    :mod:`fedopt.divergence`); a non-finite loss always stops it.
     """
 
     rounds: int = 10
@@ -158,6 +163,8 @@ class RunSection:
     pack_nodes: int | None = None
     vectorize: bool = False
     checkpoint_every: int = 10
+    diverge_factor: float = 10.0
+    diverge_rounds: int = 3
 
     def __post_init__(self) -> None:
         check(self.rounds >= 1, "rounds", self.rounds, "an integer >= 1")
@@ -179,6 +186,9 @@ class RunSection:
         check(pn is None or pn >= 1, "pack_nodes", pn, "an integer >= 1 or omitted")
         ce = self.checkpoint_every
         check(ce >= 0, "checkpoint_every", ce, "an integer >= 0 (0: only on a stop signal)")
+        df = self.diverge_factor
+        check(0.0 <= df < math.inf, "diverge_factor", df, "a finite number >= 0 (0: off)")
+        check(self.diverge_rounds >= 1, "diverge_rounds", self.diverge_rounds, "an integer >= 1")
 
 
 @dataclass(frozen=True)

@@ -61,13 +61,20 @@ class RunError(FedoptError, RuntimeError):
 
 
 class DivergenceError(RunError):
-    """Training produced NaN or inf; names the round and the clients involved."""
+    """Training produced NaN or inf, or a loss that blew up; names the round and the clients.
 
-    def __init__(self, round_: int, where: str, clients: Iterable[int] = ()) -> None:
+    ``detail`` replaces the default "non-finite ``where``" explanation (the
+    blow-up rule of :mod:`fedopt.divergence` says what it measured).
+    """
+
+    def __init__(
+        self, round_: int, where: str, clients: Iterable[int] = (), *, detail: str | None = None
+    ) -> None:
         self.round = round_
         self.clients = sorted(clients)
         who = f" (clients {self.clients})" if self.clients else ""
-        super().__init__(f"training diverged in round {round_}: non-finite {where}{who}")
+        why = detail if detail is not None else f"non-finite {where}{who}"
+        super().__init__(f"training diverged in round {round_}: {why}")
 
 
 class RunInterrupted(RunError):  # noqa: N818 (a stop, not an error)

@@ -35,6 +35,7 @@ from fedopt import engine, ray_backend
 from fedopt.checkpoint import Checkpoint, StopRequest, latest_checkpoint, stop_on_signals
 from fedopt.clientapp import make_client_app
 from fedopt.config import Scenario, load_scenario
+from fedopt.divergence import check_blowup
 from fedopt.errors import ConfigError, DivergenceError, RunInterrupted
 from fedopt.privacy.secrecy import NoiseKey, wants_secret
 from fedopt.registry import STRATEGIES
@@ -141,6 +142,8 @@ def execute_run(
             rows.append(row)
             if on_row is not None:
                 on_row(row)
+            run = task.scenario.run  # a blown-up loss stops the run, its rows kept
+            check_blowup(rows, factor=run.diverge_factor, rounds=run.diverge_rounds)
 
         try:
             entry = STRATEGIES.get(task.scenario.strategy.name, key="strategy.name")
