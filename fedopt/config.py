@@ -128,6 +128,8 @@ class RunSection:
     ``num_cpus`` and ``num_gpus`` are the Ray resources of one client; a GPU
     fraction below 1 lets several clients share a GPU. ``workers`` caps the
     number of concurrent client workers of a local Ray (default: one per core).
+    ``connect_timeout`` bounds the check that ``ray_address`` answers, made
+    before the engine starts (:mod:`fedopt.ray_address`).
 
     ``pack`` packs virtual clients: ``"on"`` runs the federation on
     ``pack_nodes`` Flower nodes (default: one per Ray worker), each hosting
@@ -158,6 +160,7 @@ class RunSection:
     num_gpus: float = 0.0
     workers: int | None = None
     ray_address: str | None = None
+    connect_timeout: float = 15.0
     timeout: float = 3600.0
     pack: str = "auto"
     pack_nodes: int | None = None
@@ -179,6 +182,8 @@ class RunSection:
         check(self.num_cpus >= 1, "num_cpus", self.num_cpus, "an integer >= 1")
         check(0.0 <= self.num_gpus, "num_gpus", self.num_gpus, "a GPU fraction >= 0")
         check(self.timeout > 0, "timeout", self.timeout, "seconds > 0")
+        ct = self.connect_timeout
+        check(0 < ct < math.inf, "connect_timeout", ct, "seconds > 0 (finite)")
         w = self.workers
         check(w is None or w >= 1, "workers", w, "an integer >= 1 or omitted")
         check(self.pack in PACK_MODES, "pack", self.pack, " | ".join(map(repr, PACK_MODES)))

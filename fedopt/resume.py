@@ -43,7 +43,7 @@ __all__ = [
 
 RESUMES_FILE = "resumes.jsonl"
 #: Dotted scenario keys that say where a run executes, not what it computes.
-PLACEMENT_KEYS = frozenset({"run.ray_address"})
+PLACEMENT_KEYS = frozenset({"run.ray_address", "run.connect_timeout"})
 _REQUIRED = ("round", "fingerprint", "scenario", "rows")
 
 Row = dict[str, Any]

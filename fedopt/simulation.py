@@ -38,6 +38,7 @@ from fedopt.config import Scenario, load_scenario
 from fedopt.divergence import check_blowup
 from fedopt.errors import ConfigError, DivergenceError, RunInterrupted
 from fedopt.privacy.secrecy import NoiseKey, wants_secret
+from fedopt.ray_address import check_reachable
 from fedopt.registry import STRATEGIES
 from fedopt.report import MetricsLog, read_metrics, write_run_files
 from fedopt.resumable import Checkpointer
@@ -253,6 +254,7 @@ def _check_resources(scenarios: Sequence[Scenario]) -> None:
                     f"the same value in every run of a batch "
                     f"({getattr(first, key)!r}): they share one federation",
                 )
+    check_reachable(first.ray_address, timeout=first.connect_timeout)
     if first.num_gpus > 0 and not first.ray_address and not torch.cuda.is_available():
         raise ConfigError(
             "run.num_gpus",
