@@ -242,11 +242,22 @@ def _custom(
             f"a factory accepting {_FACTORY_SIGNATURE} with the model parameters given "
             f"(keywords: {given}); calling it raised TypeError: {err}",
         ) from err
+    except Exception as err:  # any failure of the user's factory is a config problem
+        raise ConfigError(
+            "model.name",
+            name,
+            f"a factory that builds a model for inputs of shape {input_shape} and "
+            f"{num_classes} classes; calling it raised {type(err).__name__}: {err}",
+        ) from err
     if not isinstance(model, nn.Module):
         raise ConfigError(
             "model.name",
             name,
             f"a factory returning a torch.nn.Module; it returned {type(model).__name__}",
+        )
+    if next(model.parameters(), None) is None:
+        raise ConfigError(
+            "model.name", name, "a model with parameters to train; the one built has none"
         )
     return model
 

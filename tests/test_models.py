@@ -140,6 +140,12 @@ def custom_module(tmp_path, monkeypatch):
 
         def broken_forward(input_shape, num_classes):
             return nn.Linear(3, num_classes)
+
+        def raises(input_shape, num_classes):
+            raise RuntimeError("no GPU kernels for this layer")
+
+        def no_parameters(input_shape, num_classes):
+            return nn.Flatten()
     """
     pkg = tmp_path / "custompkg"
     pkg.mkdir()
@@ -184,6 +190,8 @@ def test_custom_wrong_output_width(custom_module):
         ("custompkg.nets:make", {"depth": 3}, "keywords: depth"),
         ("custompkg.nets:not_a_module", {}, "returned str"),
         ("custompkg.nets:broken_forward", {}, "forward pass raised"),
+        ("custompkg.nets:raises", {}, "raised RuntimeError: no GPU kernels for this layer"),
+        ("custompkg.nets:no_parameters", {}, "the one built has none"),
     ],
 )
 def test_custom_factory_errors(custom_module, name, params, words):
