@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,7 +13,9 @@ __all__ = [
     "FedoptError",
     "RunError",
     "RunInterrupted",
+    "StorageError",
     "did_you_mean",
+    "is_storage_fault",
 ]
 
 
@@ -75,6 +78,43 @@ class DivergenceError(RunError):
         who = f" (clients {self.clients})" if self.clients else ""
         why = detail if detail is not None else f"non-finite {where}{who}"
         super().__init__(f"training diverged in round {round_}: {why}")
+
+
+#: errno values of a file system that cannot take more of a run's files.
+_STORAGE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("ENOSPC", "EDQUOT", "EROFS", "EIO", "EFBIG")
+    if hasattr(errno, name)
+)
+
+
+def is_storage_fault(err: BaseException) -> bool:
+    """True for an OSError of a full, read-only or failing file system."""
+    return isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS
+
+
+class StorageError(RunError):
+    """Writing a run's files failed (disk full, read-only, I/O error); what was written is kept.
+
+    Parameters
+    ----------
+    run_dir : path
+        The run directory being written.
+    err : OSError
+        The failed write.
+    """
+
+    def __init__(self, run_dir: Any, err: OSError) -> None:
+        self.run_dir = run_dir
+        self.cause = OSError(err.errno, err.strerror, err.filename)
+        where = err.filename or run_dir
+        super().__init__(
+            f"writing {where} failed: {err.strerror or err}; the rows written before are kept "
+            f"in {run_dir}/metrics.jsonl and the newest verified checkpoint under checkpoints/"
+        )
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.run_dir, self.cause))
 
 
 class RunInterrupted(RunError):  # noqa: N818 (a stop, not an error)

@@ -36,7 +36,13 @@ from fedopt.checkpoint import Checkpoint, StopRequest, latest_checkpoint, stop_o
 from fedopt.clientapp import make_client_app
 from fedopt.config import Scenario, load_scenario
 from fedopt.divergence import check_blowup
-from fedopt.errors import ConfigError, DivergenceError, RunInterrupted
+from fedopt.errors import (
+    ConfigError,
+    DivergenceError,
+    RunInterrupted,
+    StorageError,
+    is_storage_fault,
+)
 from fedopt.privacy.secrecy import NoiseKey, wants_secret
 from fedopt.ray_address import check_reachable
 from fedopt.registry import STRATEGIES
@@ -134,6 +140,7 @@ def execute_run(
     """
     rows: list[Row] = list(restore.payload["rows"]) if restore is not None else []
     status = "completed"
+    pending: BaseException | None = None  # the error stopping the run, if one is
     t0 = time.perf_counter()
     driver: RoundDriver | None = None
     with MetricsLog(run_dir / "metrics.jsonl") as mlog:
@@ -156,16 +163,21 @@ def execute_run(
             driver.run(grid)
         except RunInterrupted as err:
             status = f"interrupted: {err}"
+            pending = err
             raise
         except BaseException as err:
-            status = f"failed: {err}"
+            # a full or read-only disk is one line naming the file, not a traceback
+            failure = StorageError(run_dir, err) if is_storage_fault(err) else err
+            status, pending = f"failed: {failure}", failure
             newest = latest_checkpoint(run_dir) if isinstance(err, Exception) else None
             if newest is not None:
-                err.add_note(
+                failure.add_note(
                     f"newest checkpoint: round {newest.round}; continue from it with: "
                     f"fedopt resume {run_dir}"
                 )
-            raise
+            if failure is err:
+                raise
+            raise failure from err
         finally:
             s = task.scenario
             devices = sorted(driver.client_devices) if driver else []
@@ -182,7 +194,14 @@ def execute_run(
                 "versions": versions(),
                 **(driver.summary_extra() if driver is not None else {}),
             }
-            write_run_files(run_dir, rows, extra=extra)
+            try:
+                write_run_files(run_dir, rows, extra=extra)
+            except OSError as err:
+                if not is_storage_fault(err):
+                    raise
+                if pending is None:
+                    raise StorageError(run_dir, err) from err
+                pending.add_note(f"summary.json and metrics.csv not rewritten: {err.strerror}")
     return extra
 
 
