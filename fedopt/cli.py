@@ -152,6 +152,14 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
             f"resuming with a changed scenario (--force, recorded): {escape(changes)}",
             soft_wrap=True,
         )
+    if plan.finished:
+        console.print(
+            f"{plan.run_dir} already finished its {plan.scenario.run.rounds} rounds; nothing to "
+            "resume (extend it with --set run.rounds=N --force)",
+            soft_wrap=True,
+        )
+        _print_result(continue_run(plan), console)
+        return 0
     console.print(f"resuming {plan.run_dir} after round {plan.checkpoint.round}", soft_wrap=True)
     _warm([plan.scenario], console)
     bar, on_row = _progress(console, plan.scenario.run.rounds)

@@ -11,6 +11,12 @@ checkpoint's is refused unless forced. Every resume appends a line to
 
 Where the federation runs (``run.ray_address``) is not part of a run's
 identity: changing only that needs no ``--force``.
+
+A resume changes nothing on disk until the engine is up and the run's driver
+starts (the record, the cut of ``metrics.jsonl`` and a forced scenario are
+written then), so one that fails to start leaves the directory as it was. A
+run whose ``scenario.toml`` is gone resumes from the scenario its checkpoint
+holds; a run that already finished is reported as finished, not recomputed.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedopt.checkpoint import Checkpoint, latest_checkpoint
-from fedopt.config import Scenario, load_scenario
+from fedopt.config import Scenario, apply_overrides, load_scenario, parse_scenario
 from fedopt.errors import ConfigError, RunError
 from fedopt.report import METRICS_FILE, MetricsLog, jsonable, write_text_atomic
 
@@ -58,6 +64,7 @@ class ResumePlan:
     checkpoint: Checkpoint
     forced: bool = False
     changed: Mapping[str, tuple[Any, Any]] = field(default_factory=dict)
+    finished: bool = False
 
     @property
     def rows(self) -> list[Row]:
@@ -111,10 +118,12 @@ def plan_resume(
     if not run_dir.is_dir():
         raise ConfigError("run_dir", str(run_dir), "an existing run directory")
     path = Path(scenario_path) if scenario_path is not None else run_dir / "scenario.toml"
-    scenario = load_scenario(path, sets)
-    if ray_address:
-        scenario = scenario.replace(**{"run.ray_address": ray_address})
     ckpt = latest_checkpoint(run_dir)
+    held = ckpt is not None and isinstance(ckpt.payload.get("scenario"), Mapping)
+    if scenario_path is None and not path.exists() and held:  # deleted: the checkpoint has it
+        scenario = parse_scenario(apply_overrides(dict(ckpt.payload["scenario"]), sets))
+    else:
+        scenario = load_scenario(path, sets)
     if ckpt is None:
         raise RunError(
             f"{run_dir} has no checkpoint to resume from (none verified under checkpoints/); "
@@ -123,6 +132,8 @@ def plan_resume(
     missing = [key for key in _REQUIRED if key not in ckpt.payload]
     if missing or not isinstance(ckpt.payload.get("rows"), list):
         raise RunError(f"checkpoint {ckpt.path} lacks {', '.join(missing) or 'a list of rows'}")
+    if ray_address:
+        scenario = scenario.replace(**{"run.ray_address": ray_address})
     changed: dict[str, tuple[Any, Any]] = {}
     needs_force = False
     if scenario.fingerprint() != ckpt.payload["fingerprint"]:
@@ -139,7 +150,23 @@ def plan_resume(
                 f"the scenario run {run_dir.name} was checkpointed with (round {ckpt.round}); "
                 f"changed: {what}. --force resumes anyway and records the change",
             )
-    return ResumePlan(run_dir, scenario, ckpt, forced=needs_force, changed=changed)
+    finished = _finished(run_dir, scenario)
+    return ResumePlan(
+        run_dir, scenario, ckpt, forced=needs_force, changed=changed, finished=finished
+    )
+
+
+def _finished(run_dir: Path, scenario: Scenario) -> bool:
+    """True when ``summary.json`` says completed and the rows reach the scenario's last round."""
+    from fedopt.report import read_metrics
+
+    try:
+        status = json.loads((run_dir / "summary.json").read_text()).get("status")
+        rows = read_metrics(run_dir)
+    except (OSError, ValueError, AttributeError, ConfigError):
+        return False
+    last = max((int(r.get("round", 0)) for r in rows), default=0)
+    return status == "completed" and last >= scenario.run.rounds
 
 
 def _record(plan: ResumePlan) -> None:
@@ -160,18 +187,27 @@ def _record(plan: ResumePlan) -> None:
 def continue_run(plan: ResumePlan, *, on_row: Callable[[Row], None] | None = None) -> RunResult:
     """Record the resume, cut ``metrics.jsonl`` back to the checkpoint and run the rest.
 
-    Returns the :class:`~fedopt.simulation.RunResult` of the resumed run.
+    The record and the cut are written once the engine is up (``before`` of
+    :func:`~fedopt.simulation.run_batch`), so a resume that cannot start
+    changes nothing. Returns the :class:`~fedopt.simulation.RunResult` of the
+    resumed run (for a finished run, its result as it stands).
     """
     from fedopt import simulation
     from fedopt.runlock import run_lock
 
-    with run_lock(plan.run_dir):  # refused, before anything is written, while another writes it
+    if plan.finished:  # nothing to recompute, nothing written
+        return simulation.load_result(plan.run_dir)
+
+    def start() -> None:  # the engine is up and the driver about to restore the checkpoint
+        simulation.write_scenario(plan.run_dir, plan.scenario)
         _record(plan)
         lines = [json.dumps(jsonable(row), allow_nan=False) + "\n" for row in plan.rows]
         write_text_atomic(plan.run_dir / METRICS_FILE, "".join(lines))
+
+    with run_lock(plan.run_dir):  # refused, before anything is written, while another writes it
         cb = (lambda i, row: on_row(row)) if on_row is not None else None
         results = simulation.run_batch(
-            [plan.scenario], [plan.run_dir], on_row=cb, restore=[plan.checkpoint]
+            [plan.scenario], [plan.run_dir], on_row=cb, restore=[plan.checkpoint], before=[start]
         )
     return results[0]
 

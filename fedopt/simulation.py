@@ -125,6 +125,7 @@ def execute_run(
     restore: Checkpoint | None = None,
     stop: StopRequest | None = None,
     noise_key: NoiseKey | None = None,
+    before: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """The ServerApp body of one run: every round, streamed metrics, checkpoints, the run's files.
 
@@ -137,7 +138,10 @@ def execute_run(
     ``noise_key`` is the run's secret key (``noise = "secret"``), the one its
     clients got: the driver binds it to the strategy for server-side noise and
     the checkpoints keep it, so a resumed run draws the same noise.
+    ``before`` runs first, once the engine is up (a resume writes its record then).
     """
+    if before is not None:
+        before()
     rows: list[Row] = list(restore.payload["rows"]) if restore is not None else []
     status = "completed"
     pending: BaseException | None = None  # the error stopping the run, if one is
@@ -321,6 +325,7 @@ def run_batch(
     tasks: Sequence[Task] | None = None,
     restore: Sequence[Checkpoint | None] | None = None,
     on_diverged: Callable[[int, DivergenceError], None] | None = None,
+    before: Sequence[Callable[[], None] | None] | None = None,
 ) -> list[RunResult]:
     """Run several scenarios one after another in ONE Flower simulation (one Ray start-up).
 
@@ -333,7 +338,9 @@ def run_batch(
     ``restore`` gives a checkpoint to continue from per scenario (or None).
     With ``on_diverged``, a run whose training diverges is reported there and
     the batch goes on with the next run (a rate grid expects some to); without
-    it, the divergence stops the batch.
+    it, the divergence stops the batch. ``before`` gives a run a hook that runs
+    once the engine is up, instead of writing its ``scenario.toml`` up front
+    (a resume writes its scenario, record and cut metrics there).
     Ctrl-C or SIGTERM stops the run in progress after its round with a
     checkpoint (:class:`~fedopt.errors.RunInterrupted`); a second one stops at once.
     """
@@ -345,11 +352,13 @@ def run_batch(
     if tasks is None:
         tasks = [build_task(sc) for sc in scenarios]
     keys = [f"{i}-{sc.fingerprint()}" for i, sc in enumerate(scenarios)]
+    hooks = list(before) if before is not None else [None] * len(scenarios)
     with ExitStack() as held:
-        for sc, run_dir in zip(scenarios, run_dirs, strict=True):
+        for sc, run_dir, hook in zip(scenarios, run_dirs, hooks, strict=True):
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             held.enter_context(run_lock(run_dir))  # another process writing it: one line, here
-            write_scenario(Path(run_dir), sc)
+            if hook is None:
+                write_scenario(Path(run_dir), sc)
         raws = {k: sc.to_dict() for k, sc in zip(keys, scenarios, strict=True)}
         outcome: dict[str, BaseException] = {}
         results: list[RunResult] = []
@@ -377,6 +386,7 @@ def run_batch(
                         restore=restores[i],
                         stop=stop,
                         noise_key=noise_keys.get(key),
+                        before=hooks[i],
                     )
                 except DivergenceError as err:
                     if on_diverged is None:

@@ -56,14 +56,26 @@ def stopped_run(tmp_path: Path, *, ckpt_round: int = 3, written: int = 5) -> tup
 
 
 class FakeRunBatch:
-    """Records what ``run_batch`` is called with; emits one row per remaining round."""
+    """Records what ``run_batch`` is called with; emits one row per remaining round.
 
-    def __init__(self, error: BaseException | None = None) -> None:
+    Like the real one, it runs each run's ``before`` hook once "the engine is
+    up"; ``error`` is raised after that, ``start_error`` before (a failed start).
+    """
+
+    def __init__(
+        self, error: BaseException | None = None, start_error: BaseException | None = None
+    ) -> None:
         self.calls: list[tuple] = []
         self.error = error
+        self.start_error = start_error
 
     def __call__(self, scenarios, run_dirs, *, on_row=None, restore=None, **kwargs):
         self.calls.append((scenarios, run_dirs, restore, kwargs))
+        if self.start_error is not None:
+            raise self.start_error
+        for hook in kwargs.get("before") or []:
+            if hook is not None:
+                hook()
         if self.error is not None:
             raise self.error
         start = restore[0].round + 1
@@ -211,3 +223,47 @@ def test_interrupted_run_and_resume_exit_130(tmp_path, monkeypatch, capsys):
     code = main(["run", str(ROOT / "scenarios/quickstart.toml"), "--out", str(tmp_path)])
     assert code == 130
     assert "stopped by SIGINT after round 2; continue with" in capsys.readouterr().err
+
+
+def _snapshot(run_dir):
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def test_a_resume_that_cannot_start_leaves_the_directory_as_it_was(tmp_path, monkeypatch):
+    run_dir, _ = stopped_run(tmp_path)
+    before = _snapshot(run_dir)
+    failed = FakeRunBatch(start_error=ConfigError("run.ray_address", "h:1", "a Ray cluster"))
+    monkeypatch.setattr(fedopt.simulation, "run_batch", failed)
+    with pytest.raises(ConfigError, match="a Ray cluster"):
+        resume(run_dir, sets=["run.rounds=12"], force=True)
+    assert _snapshot(run_dir) == before  # no record, no cut, no rewritten scenario
+
+
+def test_a_run_without_its_scenario_file_resumes_from_the_checkpoint(tmp_path, fake):
+    run_dir, scenario = stopped_run(tmp_path)
+    (run_dir / "scenario.toml").unlink()
+    resume(run_dir)
+    [(scenarios, _, _, _)] = fake.calls
+    assert scenarios == [scenario]
+    assert load_scenario(run_dir / "scenario.toml") == scenario  # written back once started
+
+
+def test_a_finished_run_is_reported_not_recomputed(tmp_path, fake, capsys):
+    run_dir, scenario = stopped_run(tmp_path)
+    resume(run_dir)  # finish it (the fake writes no summary: write the one a run writes)
+    rows = [row(r) for r in range(scenario.run.rounds + 1)]
+    with MetricsLog(tmp_path / "full" / "metrics.jsonl") as log:
+        for r in rows:
+            log.append(r)
+    (run_dir / "metrics.jsonl").write_bytes((tmp_path / "full" / "metrics.jsonl").read_bytes())
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed"}))
+    before = _snapshot(run_dir)
+    fake.calls.clear()
+    assert main(["resume", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "already finished its 8 rounds; nothing to resume" in out
+    assert fake.calls == [] and _snapshot(run_dir) == before
