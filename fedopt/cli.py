@@ -196,7 +196,11 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         )
 
     out_dir, paths = run_sweep(
-        sweep, out=Path(args.out), ray_address=args.ray_address, on_cell=on_cell
+        sweep,
+        out=Path(args.out),
+        ray_address=args.ray_address,
+        on_cell=on_cell,
+        resume=Path(args.resume) if args.resume else None,
     )
     table = Path(paths["markdown"]).read_text().split("\n\n![")[0]
     console.print(table, markup=False, highlight=False)
@@ -349,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ray-address", default=None)
     c.add_argument(
         "--quick", action="store_true", help="the sweep's quick tier ([quick]: fewer seeds, rounds)"
+    )
+    c.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue this sweep's directory DIR: finished cells are kept, the rest run",
     )
     c.set_defaults(fn=cmd_compare)
 

@@ -37,7 +37,7 @@ from typing import Any
 from fedopt.claims import Claim, parse_claims
 from fedopt.config import Scenario, apply_overrides, parse_scenario, read_toml
 from fedopt.errors import ConfigError, did_you_mean
-from fedopt.simulation import make_run_dir, run_batch
+from fedopt.simulation import run_batch
 from fedopt.tables import CellResult, write_compare
 from fedopt.tuning import Tune, check_seeds, dotted, parse_tune
 
@@ -298,24 +298,33 @@ def run_sweep(
     out: Path = Path("runs"),
     ray_address: str | None = None,
     on_cell: Callable[[int, CellResult], None] | None = None,
+    resume: Path | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Run every cell in one federation, then write the comparison table and overlay plots.
 
     A sweep with a ``[tune]`` grid runs the grid first (under ``tuning/``), writes
     ``tuning.md`` and runs each (strategy, setting) pair at its chosen value.
+    ``resume`` continues the sweep directory of an interrupted run of the same
+    sweep: finished cells are read back, the others continue or rerun
+    (:mod:`fedopt.sweep_resume`).
     """
-    out_dir = make_run_dir(Path(out), sweep.name)
-    chosen = _run_tuning(sweep, out_dir, ray_address) if sweep.tune else None
+    from fedopt.repro_report import sweep_digest
+    from fedopt.sweep_resume import plan_cells, sweep_dir
+
+    out_dir = sweep_dir(sweep.name, sweep_digest(sweep), out=Path(out), resume=resume)
+    chosen = _run_tuning(sweep, out_dir, ray_address, resume is not None) if sweep.tune else None
     cells = sweep.cells(chosen)
     dirs = [
         out_dir / "cells" / _slug(setting.label) / _slug(strategy.label) / f"seed{seed}"
         for strategy, setting, seed, _ in cells
     ]
-    results: list[CellResult] = []
+    scenarios = _address([sc for *_, sc in cells], ray_address)
+    plan = plan_cells(dirs, scenarios, resume=resume is not None, diverged_ok=False)
+    results: dict[int, CellResult] = {}
 
     def done(i: int, res: Any) -> None:
         strategy, setting, seed, _ = cells[i]
-        cell = CellResult(
+        results[i] = cell = CellResult(
             strategy=strategy.label,
             setting=setting.label,
             seed=seed,
@@ -323,13 +332,22 @@ def run_sweep(
             summary=res.summary,
             run_dir=str(res.run_dir),
         )
-        results.append(cell)
         if on_cell is not None:
             on_cell(i + 1, cell)
 
-    run_batch(_address([sc for *_, sc in cells], ray_address), dirs, on_done=done)
+    for i, res in plan.done.items():
+        done(i, res)
+    if plan.todo:
+        run_batch(
+            [scenarios[i] for i in plan.todo],
+            [dirs[i] for i in plan.todo],
+            on_done=lambda j, res: done(plan.todo[j], res),
+            restore=plan.restore,
+            before=plan.before,
+        )
+    ordered = [results[i] for i in sorted(results)]
     paths = write_compare(
-        results, out_dir, target=sweep.target, title=sweep.name, columns=sweep.columns
+        ordered, out_dir, target=sweep.target, title=sweep.name, columns=sweep.columns
     )
     if chosen is not None:
         paths["tuning"] = out_dir / "tuning.md"
@@ -342,10 +360,13 @@ def _address(scenarios: list[Scenario], ray_address: str | None) -> list[Scenari
     return [sc.replace(**{"run.ray_address": ray_address}) for sc in scenarios]
 
 
-def _run_tuning(sweep: Sweep, out_dir: Path, ray_address: str | None) -> dict[tuple[str, str], Any]:
+def _run_tuning(
+    sweep: Sweep, out_dir: Path, ray_address: str | None, resume: bool
+) -> dict[tuple[str, str], Any]:
     """Run the ``[tune]`` grid, write ``tuning.md`` and return the chosen values."""
     from fedopt.claims import cell_metric
     from fedopt.report import write_text_atomic
+    from fedopt.sweep_resume import plan_cells
     from fedopt.tuning import choose, format_tuning
 
     assert sweep.tune is not None
@@ -354,19 +375,33 @@ def _run_tuning(sweep: Sweep, out_dir: Path, ray_address: str | None) -> dict[tu
         out_dir / "tuning" / _slug(setting.label) / _slug(strategy.label) / f"{value}-seed{seed}"
         for strategy, setting, value, seed, _ in grid
     ]
-    got: dict[tuple[str, str, Any], list[float | None]] = {}
+    outcome: dict[int, float | None] = {}
 
     def done(i: int, res: Any) -> None:
-        strategy, setting, value, _, _ = grid[i]
-        metric = cell_metric(res.rows, res.summary, sweep.tune.metric, target=sweep.target)
-        got.setdefault((strategy.label, setting.label, value), []).append(metric)
+        outcome[i] = cell_metric(res.rows, res.summary, sweep.tune.metric, target=sweep.target)
 
-    def diverged(i: int, err: Exception) -> None:
-        strategy, setting, value, _, _ = grid[i]
-        got.setdefault((strategy.label, setting.label, value), []).append(None)
+    def diverged(i: int, err: Exception | None = None) -> None:
+        outcome[i] = None
 
     scenarios = _address([sc for *_, sc in grid], ray_address)
-    run_batch(scenarios, dirs, on_done=done, on_diverged=diverged)
+    plan = plan_cells(dirs, scenarios, resume=resume, diverged_ok=True)
+    for i, res in plan.done.items():
+        done(i, res)
+    for i in plan.diverged:
+        diverged(i)
+    if plan.todo:
+        run_batch(
+            [scenarios[i] for i in plan.todo],
+            [dirs[i] for i in plan.todo],
+            on_done=lambda j, res: done(plan.todo[j], res),
+            on_diverged=lambda j, err: diverged(plan.todo[j], err),
+            restore=plan.restore,
+            before=plan.before,
+        )
+    got: dict[tuple[str, str, Any], list[float | None]] = {}
+    for i in sorted(outcome):  # grid order, as an uninterrupted grid records them
+        strategy, setting, value, _, _ = grid[i]
+        got.setdefault((strategy.label, setting.label, value), []).append(outcome[i])
     chosen = choose(sweep.tune, got)
     write_text_atomic(out_dir / "tuning.md", format_tuning(sweep.tune, got, chosen) + "\n")
     return chosen
