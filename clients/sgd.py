@@ -67,11 +67,14 @@ class SGDClient(ClientAlgorithm):
         """Train a pack's clients at once (:mod:`fedopt.vectorized`); None when it cannot.
 
         ``starts`` are each client's starting weights (what :meth:`load_global` loaded).
+        A learning-rate schedule (``lr_schedule``) trains one client at a time.
         """
         model = jobs[0].model
         cfgs = [round_config(self.params, j.config) for j in jobs]
-        if any(j.order is not None for j in jobs) or any(
-            vectorized.unsupported(model, c) for c in cfgs
+        if (
+            any(j.order is not None for j in jobs)
+            or any(c.lr_schedule != "constant" for c in cfgs)
+            or any(vectorized.unsupported(model, c) for c in cfgs)
         ):
             return None
         pack = [

@@ -35,6 +35,7 @@ from fedopt.training import (
     LocalTrainConfig,
     load_weights_,
     per_example_loss,
+    shuffled_batches,
     train_local,
 )
 
@@ -47,10 +48,11 @@ __all__ = [
     "order_indices",
     "pace",
     "paced_batches",
+    "paced_step_count",
     "train_expert",
 ]
 
-Ordering = Literal["curriculum", "anti", "random", "none"]
+Ordering = Literal["curriculum", "anti", "random", "plain", "none"]
 Pacing = Literal["linear", "quad", "root", "step", "exp", "log"]
 #: Record in a client's state holding its model after its last local training.
 LOCAL_MODEL_RECORD = "curriculum/local"
@@ -159,6 +161,24 @@ def example_scores(
     return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.float64)
 
 
+def paced_step_count(
+    *, steps: int, batch_size: int, size_at: Callable[[int], int], finish_pass: bool
+) -> int:
+    """Steps :func:`paced_batches` yields: ``steps``, or with ``finish_pass`` up to its pass's end.
+
+    The authors' loop (``while step < T: for batch in loader``) checks ``T``
+    only between passes, so its last pass, over the prefix ``size_at(t)`` read
+    at its start, runs to the end: ``t`` grows by ``ceil(size_at(t) / batch_size)``
+    per pass until it reaches ``steps``.
+    """
+    if not finish_pass:
+        return steps
+    t = 0
+    while t < steps:
+        t += max(math.ceil(size_at(t) / batch_size), 1)
+    return t
+
+
 def paced_batches(
     order: torch.Tensor,
     *,
@@ -166,19 +186,27 @@ def paced_batches(
     batch_size: int,
     size_at: Callable[[int], int],
     generator: torch.Generator,
+    finish_pass: bool = False,
+    passes: list[int] | None = None,
 ) -> Iterator[torch.Tensor]:
-    """``steps`` index batches drawn from the growing prefix ``order[: size_at(t)]``.
+    """Index batches drawn from the growing prefix ``order[: size_at(t)]``, ``steps`` of them.
 
     As in the paper's code, the prefix is re-read at the start of each pass over
-    it and shuffled; the pass then runs to its end (the last batch may be short).
+    it and shuffled (the last batch of a pass may be short). The stream stops
+    after exactly ``steps`` batches, or, with ``finish_pass`` (the authors'
+    loop), at the end of the pass during which ``steps`` is reached:
+    :func:`paced_step_count` batches. ``passes``, if given, receives each
+    pass's prefix size.
     """
     t = 0
     while t < steps:
         size = size_at(t)
+        if passes is not None:
+            passes.append(size)
         prefix = order[:size]
         perm = prefix[torch.randperm(size, generator=generator).to(order.device)]
         for start in range(0, size, batch_size):
-            if t == steps:
+            if t == steps and not finish_pass:
                 return
             yield perm[start : start + batch_size]
             t += 1
@@ -189,7 +217,12 @@ class CurriculumParams:
     """Curricula in FL (Vahidian et al., ICCV 2023): ordered local data and client selection.
 
     ``ordering`` orders each client's examples by ``score`` under the ``scoring``
-    model and paces them with ``pacing`` (a, b) over the round's local steps;
+    model and paces them with ``pacing`` (a, b) over the round's local steps
+    (``none``: the local optimizer's own shuffled passes; ``plain``: shuffled
+    passes over all the data, unordered and unpaced, for as many steps as the
+    paced stream takes: the equal-steps baseline of ``finish_pass``);
+    ``finish_pass`` lets the last paced pass run to its end, as the authors'
+    loop does (more steps than the round's T; see :func:`paced_step_count`);
     ``select = true`` also orders clients by their mean score (client pacing
     ``client_pacing`` with ``client_pacing_a``, ``client_pacing_b``).
     ``allow_private_scoring`` opts in to scores of private data released outside
@@ -202,6 +235,7 @@ class CurriculumParams:
     pacing: Pacing = "linear"
     pacing_a: float = 0.8
     pacing_b: float = 0.2
+    finish_pass: bool = False
     expert_path: str | None = None
     score_batch_size: int = 1024
     select: bool = False
@@ -323,37 +357,82 @@ class DataCurriculum:
         """The client's mean example score (curriculum client selection)."""
         return float(self.scores(model, x, y, state).mean()) if len(x) else 0.0
 
+    def size_at(self, *, steps: int, batch_size: int, n: int) -> Callable[[int], int]:
+        """The pacing of a round of ``steps`` local steps on ``n`` examples: t -> prefix size."""
+        p = self.params
+
+        def size_at(t: int) -> int:
+            return pace(
+                p.pacing, t, a=p.pacing_a, b=p.pacing_b, total=steps, n=n, minimum=batch_size
+            )
+
+        return size_at
+
     def prepare(self, job: Any) -> dict[str, float]:
-        """Set ``job.order`` to the round's paced stream; return the score metrics."""
+        """Set ``job.order`` to the round's paced stream; return the order's metrics.
+
+        ``order_score_mean`` (the mean score) comes now; once the stream is
+        drawn the returned dict also gets ``order_prefix_score`` (the mean score
+        of the first pass's prefix: low for easy-first),
+        ``order_prefix_class_share`` (the share of the client's classes that
+        prefix holds, for class labels), ``curriculum_coverage`` (the last
+        pass's prefix over the client's examples), ``curriculum_steps`` (the
+        steps drawn) and ``curriculum_step_ratio`` (those over the round's T).
+        """
         p = self.params
         if p.ordering == "none":
             return {}
         metrics: dict[str, float] = {}
-        if p.ordering == "random":
-            scores = torch.zeros(len(job.x), dtype=torch.float64)
-        else:
-            scores = self.scores(job.model, job.x, job.y, job.state)
-            metrics["order_score_mean"] = float(scores.mean()) if len(scores) else 0.0
-        order = order_indices(scores, p.ordering, generator=job.generator).to(job.x.device)
         self._used = []
+        n = len(job.x)
+        if p.ordering == "plain":
+
+            def plain(*, steps: int, batch_size: int) -> Iterator[torch.Tensor]:
+                self._used.append(True)
+                size_at = self.size_at(steps=steps, batch_size=batch_size, n=n)
+                count = paced_step_count(
+                    steps=steps, batch_size=batch_size, size_at=size_at, finish_pass=p.finish_pass
+                )
+                metrics["curriculum_coverage"] = 1.0
+                metrics["curriculum_steps"] = float(count)
+                metrics["curriculum_step_ratio"] = count / steps if steps else 1.0
+                return shuffled_batches(n, batch_size, count, job.generator, job.x.device)
+
+            job.order = plain
+            return metrics
+        scores = (
+            torch.zeros(n, dtype=torch.float64)
+            if p.ordering == "random"
+            else self.scores(job.model, job.x, job.y, job.state)
+        )
+        order = order_indices(scores, p.ordering, generator=job.generator).to(job.x.device)
+        if p.ordering != "random":
+            metrics["order_score_mean"] = float(scores.mean()) if n else 0.0
 
         def stream(*, steps: int, batch_size: int) -> Iterator[torch.Tensor]:
             self._used.append(True)
-
-            def size_at(t: int) -> int:
-                return pace(
-                    p.pacing,
-                    t,
-                    a=p.pacing_a,
-                    b=p.pacing_b,
-                    total=steps,
-                    n=len(order),
-                    minimum=batch_size,
-                )
-
-            return paced_batches(
-                order, steps=steps, batch_size=batch_size, size_at=size_at, generator=job.generator
+            size_at = self.size_at(steps=steps, batch_size=batch_size, n=n)
+            first = order[: size_at(0)]
+            if p.ordering != "random":
+                metrics["order_prefix_score"] = float(scores[first.cpu()].mean())
+            if job.y.ndim == 1:
+                share = len(torch.unique(job.y[first])) / len(torch.unique(job.y))
+                metrics["order_prefix_class_share"] = share
+            passes: list[int] = []
+            batches = paced_batches(
+                order,
+                steps=steps,
+                batch_size=batch_size,
+                size_at=size_at,
+                generator=job.generator,
+                finish_pass=p.finish_pass,
+                passes=passes,
             )
+            for taken, batch in enumerate(batches, start=1):
+                yield batch
+                metrics["curriculum_coverage"] = passes[-1] / n
+                metrics["curriculum_steps"] = float(taken)
+                metrics["curriculum_step_ratio"] = taken / steps
 
         job.order = stream
         return metrics

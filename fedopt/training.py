@@ -10,6 +10,7 @@ in-place copy), call :func:`train_local` with the client's own
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from fedopt.registry import OPTIMIZERS
 
 __all__ = [
     "IGNORE_INDEX",
+    "LR_SCHEDULES",
     "EvalResult",
     "LocalTrainConfig",
     "TrainResult",
@@ -57,6 +59,22 @@ OPTIMIZERS.register("sgd", _sgd)
 OPTIMIZERS.register("adam", _adam)
 
 
+def _constant(t: int, *, decay: float, power: float) -> float:
+    """No schedule: every step at the configured rate."""
+    return 1.0
+
+
+def _inverse_power(t: int, *, decay: float, power: float) -> float:
+    """``(1 + decay·t)^(-power)``: the per-step decay of Curricula in FL (``exp_lr_decay``)."""
+    return (1.0 + decay * t) ** (-power)
+
+
+#: Local learning-rate schedules: step t (0 = the round's first step) -> factor on ``lr``.
+LR_SCHEDULES: Mapping[str, Callable[..., float]] = types.MappingProxyType(
+    {"constant": _constant, "inverse_power": _inverse_power}
+)
+
+
 @dataclass(frozen=True)
 class LocalTrainConfig:
     """How a client trains locally in one round.
@@ -79,6 +97,15 @@ class LocalTrainConfig:
         L2 penalty coefficient (>= 0).
     max_grad_norm : float or None
         If set, gradients are clipped to this global L2 norm before each step.
+    lr_schedule : str
+        A name in ``LR_SCHEDULES``: ``constant`` (default, no schedule) or
+        ``inverse_power``, the rate ``lr·(1 + lr_decay·t)^(-lr_power)`` at local
+        step t = 0, 1, ... of the round (restarted every round, as Curricula in
+        FL's clients do).
+    lr_decay : float
+        ``inverse_power``'s a (the paper's 0.001); >= 0.
+    lr_power : float
+        ``inverse_power``'s exponent b (the paper's 0.75); >= 0.
     """
 
     epochs: int = 1
@@ -89,6 +116,9 @@ class LocalTrainConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
+    lr_schedule: str = "constant"
+    lr_decay: float = 0.001
+    lr_power: float = 0.75
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
@@ -115,6 +145,20 @@ class LocalTrainConfig:
             self.max_grad_norm,
             "a finite number > 0, or omitted for no clipping",
         )
+        schedules = sorted(LR_SCHEDULES)
+        check(
+            self.lr_schedule in LR_SCHEDULES,
+            "lr_schedule",
+            self.lr_schedule,
+            "one of " + ", ".join(schedules) + did_you_mean(self.lr_schedule, schedules),
+        )
+        for key in ("lr_decay", "lr_power"):
+            value = getattr(self, key)
+            check(0.0 <= value < math.inf, key, value, "a finite number >= 0")
+
+    def lr_factor(self, t: int) -> float:
+        """The schedule's factor on ``lr`` at local step ``t`` (0 = the round's first step)."""
+        return LR_SCHEDULES[self.lr_schedule](t, decay=self.lr_decay, power=self.lr_power)
 
     def total_steps(self, n: int) -> int:
         """Minibatch steps of one round on ``n`` examples: ``steps``, else epochs x batches."""
@@ -285,7 +329,10 @@ def train_local(
         Use this optimizer (and its state) instead of a fresh one from ``cfg``.
     before_step, after_step : callable, optional
         Called with the 1-based step number before the step's forward pass and
-        after its optimizer step.
+        after its optimizer step. With a ``cfg.lr_schedule`` other than
+        ``constant``, each parameter group's rate is set to its rate at the call's
+        start times ``cfg.lr_factor(t)`` before ``before_step`` (which may still
+        override it), and restored when the call ends.
     batches : iterable of torch.Tensor, optional
         Index tensors to train on, one step each, instead of the shuffled passes
         of ``cfg`` (e.g. a curriculum's ordered, paced stream); the steps taken
@@ -314,6 +361,8 @@ def train_local(
     if optimizer is None:
         optimizer = OPTIMIZERS.get(cfg.optimizer, key="optimizer").obj(trainable, cfg)
     anchors = [p.detach().clone() for p in trainable] if proximal_mu > 0 else []
+    scheduled = cfg.lr_schedule != "constant"
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     if batches is None:
         batches = shuffled_batches(n, cfg.batch_size, cfg.total_steps(n), generator, x.device)
 
@@ -325,6 +374,10 @@ def train_local(
     diverged = False
     try:
         for idx in batches:
+            if scheduled:
+                factor = cfg.lr_factor(steps)
+                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = base * factor
             if before_step is not None:
                 before_step(steps + 1)
             xb, yb = x[idx], y[idx]
@@ -356,6 +409,9 @@ def train_local(
             counted += int(units_val)
     finally:
         optimizer.zero_grad(set_to_none=True)
+        if scheduled:
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base
         model.train(was_training)
     accuracy = int(correct.item()) / counted if counted else math.nan
     loss_mean = math.nan if diverged or not counted else loss_sum / counted

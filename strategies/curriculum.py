@@ -144,6 +144,7 @@ class CurriculumStrategy(WrappedStrategy):
             "scoring": p.scoring,
             "score": p.score,
             "pacing": [p.pacing, p.pacing_a, p.pacing_b],
+            "finish_pass": p.finish_pass,
             "select": p.select,
         }
         if p.select:

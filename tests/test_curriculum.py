@@ -21,6 +21,7 @@ from fedopt.curriculum import (
     order_indices,
     pace,
     paced_batches,
+    paced_step_count,
     train_expert,
 )
 from fedopt.errors import ConfigError
@@ -108,6 +109,49 @@ def test_paced_stream_draws_each_pass_from_the_current_prefix():
     assert set(torch.cat(third).tolist()) <= set(range(10))
 
 
+def test_finish_pass_counts_the_authors_steps():
+    # The paper's setting: N = 500 examples a client, batch 10, T = (500 // 10 + 1) * 1 = 51,
+    # linear a = 0.8, b = 0.2: g(t) = 100 + 400 t / 40.8. Passes start at t = 0, 10, 30
+    # with prefixes 100, 198, 394 (10, 20, 40 batches): 70 steps = 1.37 T, and the last
+    # pass covers the easiest 394 / 500 = 79% fully.
+    def size_at(t):
+        return pace("linear", t, a=0.8, b=0.2, total=51, n=500, minimum=10)
+
+    count = paced_step_count(steps=51, batch_size=10, size_at=size_at, finish_pass=True)
+    assert count == 70
+    assert paced_step_count(steps=51, batch_size=10, size_at=size_at, finish_pass=False) == 51
+    order = torch.arange(500)
+    for finish, expected in ((True, 70), (False, 51)):
+        passes = []
+        stream = list(
+            paced_batches(
+                order,
+                steps=51,
+                batch_size=10,
+                size_at=size_at,
+                generator=torch.Generator().manual_seed(0),
+                finish_pass=finish,
+                passes=passes,
+            )
+        )
+        assert len(stream) == expected
+        assert passes == [100, 198, 394]
+    assert sorted(torch.cat(stream[:10]).tolist()) == list(range(100))
+    # with finish_pass the stream stops only at a pass's end: the last 40 batches are the prefix
+    full = list(
+        paced_batches(
+            order,
+            steps=51,
+            batch_size=10,
+            size_at=size_at,
+            generator=torch.Generator().manual_seed(0),
+            finish_pass=True,
+        )
+    )
+    assert sorted(torch.cat(full[30:]).tolist()) == list(range(394))
+    assert [b.tolist() for b in full[:51]] == [b.tolist() for b in stream]
+
+
 # -- scoring and the train_local hook -----------------------------------------------------
 def test_example_scores_are_per_example_loss_and_error():
     torch.manual_seed(0)
@@ -189,6 +233,36 @@ def test_ordering_none_replays_the_plain_run_bitwise():
     assert [r[key] for r in plain] != [r[key] for r in ordered]
     again, _, _ = run_inline(scenario(curriculum={"ordering": "anti", "pacing": "step"}))
     assert [r[key] for r in ordered] == [r[key] for r in again]
+
+
+def test_plain_ordering_is_the_unordered_run_with_the_paced_step_count():
+    # without finish_pass, "plain" takes the round's T shuffled steps: the run without a curriculum
+    key = "central_loss"
+    one = {"rounds": 1, "seed": 3, "fed_eval_every": 0}
+    none, _, _ = run_inline(scenario(curriculum={"ordering": "none"}, run=one))
+    plain, _, _ = run_inline(scenario(curriculum={"ordering": "plain"}, run=one))
+    assert [r[key] for r in plain] == [r[key] for r in none]
+    # with finish_pass it takes exactly the steps of the finished paced passes, whatever the order
+    set_task_identity()
+    steps = {}
+    for ordering in ("curriculum", "anti", "random", "plain"):
+        sc = scenario(curriculum={"ordering": ordering, "finish_pass": True})
+        task = build_task(sc)
+        raw = sc.to_dict()
+        app = make_client_app(lambda ctx, raw=raw: {"": raw})
+        arrays = ArrayRecord(task.new_model().state_dict())
+        m = app(_message(arrays), _context()).content["metrics"]
+        steps[ordering] = m["steps"], m["curriculum_coverage"]
+        assert (m["curriculum_steps"], m["curriculum_step_ratio"]) == (14.0, 14 / 8)
+    # client 1 holds 60 examples, batch 8: T = 8, g(t) = 12 + 48 t / 6.4 = 12 + 7.5 t; passes
+    # start at t = 0, 2, 6 with prefixes 12, 27, 57 (2, 4, 8 batches): 14 steps, 57/60 covered
+    n = len(task.client_data(1)[0])
+    assert n == 60
+    size_at = DataCurriculum(sc.extras["curriculum"]).size_at(steps=8, batch_size=8, n=n)
+    count = paced_step_count(steps=8, batch_size=8, size_at=size_at, finish_pass=True)
+    assert count == 14
+    paced = (14, 0.95)
+    assert steps == {"curriculum": paced, "anti": paced, "random": paced, "plain": (14, 1.0)}
 
 
 def test_expert_scoring_loads_the_checkpoint(tmp_path):

@@ -11,6 +11,7 @@ from fedopt.models import MlpParams, build_model
 from fedopt.params import build
 from fedopt.registry import NoParams
 from fedopt.training import (
+    LR_SCHEDULES,
     EvalResult,
     LocalTrainConfig,
     evaluate,
@@ -280,6 +281,9 @@ def test_load_weights_errors_name_keys():
         ("weight_decay", -1.0),
         ("max_grad_norm", 0.0),
         ("optimizer", "sgdd"),
+        ("lr_schedule", "inverse_powr"),
+        ("lr_decay", -0.001),
+        ("lr_power", math.inf),
     ],
 )
 def test_bad_config_values_are_named(field, value):
@@ -289,9 +293,94 @@ def test_bad_config_values_are_named(field, value):
     assert info.value.value == value
     if field == "optimizer":
         assert "adam, sgd" in info.value.allowed and "did you mean 'sgd'" in info.value.allowed
+    if field == "lr_schedule":
+        assert "constant, inverse_power" in info.value.allowed
+        assert "did you mean 'inverse_power'" in info.value.allowed
 
 
 def test_config_builds_from_toml_values():
     cfg = build(LocalTrainConfig, {"steps": 5, "lr": 1, "max_grad_norm": 2}, "client")
     assert cfg == LocalTrainConfig(steps=5, lr=1.0, max_grad_norm=2.0)
     assert isinstance(cfg.lr, float)
+
+
+# -- local learning-rate schedules --------------------------------------------------------
+def test_inverse_power_factors_match_hand_values():
+    cfg = LocalTrainConfig(lr_schedule="inverse_power")  # the paper's a = 0.001, b = 0.75
+    assert cfg.lr_factor(0) == 1.0
+    assert cfg.lr_factor(1000) == pytest.approx(2.0**-0.75)  # 0.5946
+    assert cfg.lr_factor(3000) == pytest.approx(4.0**-0.75)  # 0.3536
+    assert LocalTrainConfig().lr_factor(1000) == 1.0
+    assert sorted(LR_SCHEDULES) == ["constant", "inverse_power"]
+
+
+def test_inverse_power_sets_each_steps_rate_and_restores_it():
+    x, y = blobs(40)
+    model = make_model()
+    reference = make_model()
+    cfg = LocalTrainConfig(
+        steps=4,
+        batch_size=10,
+        lr=0.2,
+        momentum=0.9,
+        lr_schedule="inverse_power",
+        lr_decay=1.0,
+        lr_power=1.0,
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    seen = []
+    train_local(
+        model,
+        x,
+        y,
+        cfg,
+        generator=gen(0),
+        optimizer=opt,
+        before_step=lambda s: seen.append(opt.param_groups[0]["lr"]),
+    )
+    assert seen == [0.2, 0.1, 0.2 / 3, 0.05]  # 0.2 / (1 + t), t = 0, 1, 2, 3
+    assert opt.param_groups[0]["lr"] == 0.2  # restored for the next round
+    # the same run by hand: SGD with momentum, its rate set before each step
+    ref = torch.optim.SGD(reference.parameters(), lr=0.2, momentum=0.9)
+    perm = torch.randperm(40, generator=gen(0))
+    for t in range(4):
+        idx = perm[10 * t : 10 * (t + 1)]
+        ref.param_groups[0]["lr"] = 0.2 * (1.0 + t) ** -1.0
+        ref.zero_grad()
+        F.cross_entropy(reference(x[idx]), y[idx]).backward()
+        ref.step()
+    assert weights_equal(get_weights(model), get_weights(reference))
+
+
+def test_constant_schedule_and_zero_decay_are_bitwise_the_unscheduled_run():
+    x, y = blobs(60)
+    runs = []
+    for extra in (
+        {},
+        {"lr_schedule": "constant"},
+        {"lr_schedule": "inverse_power", "lr_decay": 0.0},
+    ):
+        model = make_model()
+        cfg = LocalTrainConfig(epochs=2, batch_size=16, lr=0.1, momentum=0.9, **extra)
+        train_local(model, x, y, cfg, generator=gen(3))
+        runs.append(get_weights(model))
+    assert weights_equal(runs[0], runs[1]) and weights_equal(runs[0], runs[2])
+    model = make_model()
+    cfg = LocalTrainConfig(
+        epochs=2, batch_size=16, lr=0.1, momentum=0.9, lr_schedule="inverse_power"
+    )
+    train_local(model, x, y, cfg, generator=gen(3))
+    assert not weights_equal(runs[0], get_weights(model))
+
+
+def test_a_scheduled_rate_keeps_the_sgd_client_off_the_batched_path():
+    from types import SimpleNamespace
+
+    from clients.sgd import SGDClient
+    from fedopt import vectorized
+
+    model = make_model()
+    job = SimpleNamespace(model=model, config={}, order=None)
+    cfg = LocalTrainConfig(lr_schedule="inverse_power")
+    assert vectorized.unsupported(model, LocalTrainConfig()) is None  # batched otherwise
+    assert SGDClient(cfg, scenario=None).fit_many([job], [{}]) is None
