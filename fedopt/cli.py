@@ -211,8 +211,15 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
 def cmd_reproduce(args: argparse.Namespace, console: Console) -> int:
     from fedopt.reproduce import PAPERS_DIR, find_sweeps, reproduce
 
-    paths = find_sweeps(Path(args.papers) if args.papers else PAPERS_DIR, args.only)
+    folder = Path(args.papers) if args.papers else PAPERS_DIR
+    paths = find_sweeps(folder, args.only)
     report = Path(args.report)
+    if args.rebuild:
+        from fedopt.reproduce import rebuild
+
+        held = rebuild(folder, report, quick=args.quick)
+        console.print(f"report: {report} ({held} stored sections, nothing run)")
+        return 0
     console.print(f"{len(paths)} sweeps ({'quick' if args.quick else 'full'} tier) -> {report}")
 
     def on_sweep(result: Any) -> None:
@@ -370,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--only", nargs="*", default=[], help="sweep names (file stems) to run")
     rp.add_argument("--papers", default=None, help="folder of sweep files (scenarios/papers)")
     rp.add_argument("--report", default="docs/reproductions.md", help="the report to write")
+    rp.add_argument(
+        "--rebuild", action="store_true", help="rewrite the report from its stored sections only"
+    )
     rp.add_argument("--out", default="runs")
     rp.set_defaults(fn=cmd_reproduce)
 

@@ -31,7 +31,7 @@ from fedopt.report import write_json_atomic, write_text_atomic
 from fedopt.repro_report import load_sections, render, section_of, sweep_digest
 from fedopt.tables import CellResult
 
-__all__ = ["PAPERS_DIR", "SweepReport", "find_sweeps", "judge_sweep", "reproduce"]
+__all__ = ["PAPERS_DIR", "SweepReport", "find_sweeps", "judge_sweep", "rebuild", "reproduce"]
 
 PAPERS_DIR = Path(__file__).resolve().parent.parent / "scenarios" / "papers"
 
@@ -100,6 +100,24 @@ def diagnose(sweep: Sweep, cells: Sequence[CellResult]) -> str:
     return "\n".join(lines)
 
 
+def _current(folder: Path, quick: bool) -> dict[str, str]:
+    """Every sweep of ``folder`` by name, with the digest of its definition now."""
+    out = {}
+    for p in find_sweeps(folder):
+        sw = load_sweep(p, quick=quick)
+        out[sw.name] = sweep_digest(sw)
+    return out
+
+
+def rebuild(folder: Path, report: Path, *, quick: bool = False) -> int:
+    """Rewrite ``report`` from its stored sections, running nothing; return how many it holds."""
+    current = _current(folder, quick)
+    stored = load_sections(report.parent / report.stem, quick=quick)
+    kept = [stored[name] for name in sorted(current) if name in stored]
+    write_text_atomic(report, render(kept, quick=quick, current=current, images=report.stem))
+    return len(kept)
+
+
 def reproduce(
     paths: Sequence[Path],
     *,
@@ -116,11 +134,7 @@ def reproduce(
     folder of ``paths``), so sweeps not rerun keep their last measurement.
     """
     sweeps = [load_sweep(p, quick=quick) for p in paths]
-    current = {}
-    if report is not None and paths:
-        for p in find_sweeps(Path(paths[0]).parent):
-            sw = load_sweep(p, quick=quick)
-            current[sw.name] = sweep_digest(sw)
+    current = _current(Path(paths[0]).parent, quick) if report is not None and paths else {}
     out_reports = []
     for sweep in sweeps:
         cells: list[CellResult] = []

@@ -135,3 +135,19 @@ def test_the_quick_tier_of_the_whole_suite_runs_and_reports(tmp_path):
         for v in result.verdicts:
             if v.claim.kind == "beats":
                 assert v.holds == (v.estimate > v.claim.margin)
+
+
+def test_rebuild_writes_the_report_from_stored_sections_only(tmp_path):
+    from fedopt.reproduce import rebuild
+
+    digest = sweep_digest(load_sweep(PAPERS_DIR / "dp_sgd.toml"))
+    folder = tmp_path / "reproductions"
+    folder.mkdir()
+    for section in (_section("dp_sgd", (True,), digest=digest), _section("fedhyper", (False,))):
+        (folder / f"{section.name}.json").write_text(json.dumps(asdict(section)))
+    report = tmp_path / "reproductions.md"
+    assert rebuild(PAPERS_DIR, report) == 2
+    text = report.read_text()
+    assert "## dp_sgd\n" in text and "## fedhyper (stale)" in text
+    assert "**1 of 2 sweeps: every claim holds.**" in text
+    assert not list(tmp_path.glob("runs*"))  # nothing ran
