@@ -37,7 +37,7 @@ from typing import Any
 from fedopt.claims import Claim, parse_claims
 from fedopt.config import Scenario, apply_overrides, parse_scenario, read_toml
 from fedopt.errors import ConfigError, did_you_mean
-from fedopt.simulation import run_batch
+from fedopt.simulation import load_result, run_batch
 from fedopt.tables import CellResult, write_compare
 from fedopt.tuning import Tune, check_seeds, dotted, parse_tune
 
@@ -342,6 +342,8 @@ def run_sweep(
             [scenarios[i] for i in plan.todo],
             [dirs[i] for i in plan.todo],
             on_done=lambda j, res: done(plan.todo[j], res),
+            # a diverged cell is a result (its rows up to the stop), not the end of the sweep
+            on_diverged=lambda j, err: done(plan.todo[j], load_result(dirs[plan.todo[j]])),
             restore=plan.restore,
             before=plan.before,
         )

@@ -113,8 +113,9 @@ def plan_cells(
 ) -> CellPlan:
     """Sort the cells of a sweep (or of its grid) into finished and still to run.
 
-    Without ``resume`` every cell runs. ``diverged_ok`` (a tuning grid) counts
-    a cell that stopped as diverged as finished: rerunning it would diverge again.
+    Without ``resume`` every cell runs. A cell that stopped as diverged is
+    finished (rerunning it would diverge again): with ``diverged_ok`` (a
+    tuning grid) it goes to ``diverged``, otherwise its result is read back.
     """
     from fedopt.simulation import load_result
 
@@ -131,8 +132,11 @@ def plan_cells(
         if status == "completed":
             plan.done[i] = load_result(run_dir)
             continue
-        if diverged_ok and status.startswith("failed: training diverged"):
-            plan.diverged.add(i)
+        if status.startswith("failed: training diverged"):  # would diverge again
+            if diverged_ok:
+                plan.diverged.add(i)
+            else:
+                plan.done[i] = load_result(run_dir)
             continue
         ckpt = latest_checkpoint(run_dir) if same else None
         plan.todo.append(i)

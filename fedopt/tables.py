@@ -225,6 +225,19 @@ def format_markdown(rows: list[dict], *, target: float | None, columns: Sequence
     return "\n".join(lines) + "\n"
 
 
+def _stopped(cells: Sequence[CellResult]) -> str:
+    """A line per cell that did not complete (e.g. diverged), with its status."""
+    lines = [
+        f"- {c.setting} / {c.strategy} / seed {c.seed}: {c.summary.get('status')}"
+        for c in cells
+        if c.summary.get("status", "completed") != "completed"
+    ]
+    if not lines:
+        return ""
+    head = "Stopped early (their rows up to the stop are in the table):\n\n"
+    return head + "\n".join(lines) + "\n\n"
+
+
 def write_compare(
     cells: Sequence[CellResult],
     out_dir: Path,
@@ -255,6 +268,7 @@ def write_compare(
         writer.writerow(["" if (v := jsonable(row[c])) is None else v for c in names])
     csv_path = write_text_atomic(out_dir / "comparison.csv", buf.getvalue())
     links = "".join(f"![{p.stem}]({p.name})\n\n" for p in pngs)
-    text = f"# {title}\n\n{format_markdown(table, target=target, columns=columns)}\n{links}"
+    text = f"# {title}\n\n{format_markdown(table, target=target, columns=columns)}\n"
+    text += _stopped(cells) + links
     md_path = write_text_atomic(out_dir / "comparison.md", text.rstrip("\n") + "\n")
     return {"markdown": md_path, "csv": csv_path, "plots": pngs}

@@ -15,7 +15,7 @@ import pytest
 import fedopt.compare
 from fedopt.checkpoint import save_checkpoint
 from fedopt.compare import load_sweep, run_sweep
-from fedopt.errors import ConfigError, RunInterrupted
+from fedopt.errors import ConfigError, DivergenceError, RunInterrupted
 from fedopt.report import MetricsLog, write_run_files
 from fedopt.simulation import load_result, write_scenario
 
@@ -47,12 +47,15 @@ def _row(sc, r: int) -> dict:
 class FakeBatch:
     """Writes each run's directory; stops with RunInterrupted in round 2 of run ``stop_at``."""
 
-    def __init__(self, stop_at: int | None = None) -> None:
+    def __init__(self, stop_at: int | None = None, diverge_at: int | None = None) -> None:
         self.stop_at = stop_at
+        self.diverge_at = diverge_at
         self.calls: list[list[tuple[str, int | None]]] = []
         self.started = 0
 
-    def __call__(self, scenarios, dirs, *, on_done=None, restore=None, before=None, **kw):
+    def __call__(
+        self, scenarios, dirs, *, on_done=None, restore=None, before=None, on_diverged=None, **kw
+    ):
         restore = restore or [None] * len(scenarios)
         before = before or [None] * len(scenarios)
         self.calls.append(
@@ -77,6 +80,12 @@ class FakeBatch:
                         write_run_files(run_dir, rows, extra={"status": "interrupted: test"})
                         self.started += 1
                         raise RunInterrupted(2, run_dir)
+            if self.started == self.diverge_at:
+                err = DivergenceError(sc.run.rounds, "training loss", [0])
+                write_run_files(run_dir, rows, extra={"status": f"failed: {err}"})
+                self.started += 1
+                on_diverged(j, err)  # the real run_batch goes on with the next run
+                continue
             write_run_files(run_dir, rows, extra={"status": "completed"})
             self.started += 1
             if on_done is not None:
@@ -132,3 +141,22 @@ def test_resume_refuses_a_directory_of_another_definition_or_no_sweep(tmp_path, 
         run_sweep(changed, resume=out_dir)
     with pytest.raises(ConfigError, match="a sweep directory \\(with sweep.json\\)"):
         run_sweep(changed, resume=tmp_path)
+
+
+def test_a_diverged_cell_is_a_result_listed_as_stopped_and_not_rerun(tmp_path, monkeypatch):
+    path = tmp_path / "tiny.toml"
+    path.write_text(SWEEP)
+    sweep = load_sweep(path)
+    monkeypatch.setattr(fedopt.compare, "run_batch", FakeBatch(diverge_at=3))
+    seen = []
+    out_dir, _ = run_sweep(sweep, out=tmp_path, on_cell=lambda i, c: seen.append(i))
+    assert seen == [1, 2, 3, 4]
+    text = (out_dir / "comparison.md").read_text()
+    assert (
+        "Stopped early (their rows up to the stop are in the table):\n\n"
+        "- base / fast / seed 1: failed: training diverged in round 4: non-finite training loss "
+        "(clients [0])\n"
+    ) in text
+    monkeypatch.setattr(fedopt.compare, "run_batch", FakeBatch())
+    run_sweep(sweep, resume=out_dir)
+    assert fedopt.compare.run_batch.calls == []
