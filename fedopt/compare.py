@@ -57,6 +57,7 @@ _KEYS = (
     "diagnose",
     "tune",
     "quick",
+    "grid",
 )
 _QUICK_KEYS = ("seeds", "scenario", "strategies", "settings", "tune")
 
@@ -230,9 +231,15 @@ def _kept(row: Any, raw: Mapping[str, Any]) -> Any:
 def load_sweep(path: str | Path, sets: Sequence[str] = (), *, quick: bool = False) -> Sweep:
     """Read and validate a sweep file; ``sets`` override the base scenario.
 
+    A ``set`` whose key is a sweep key (``seeds``, ``target_accuracy``,
+    ``columns``, ``diagnose``, ``name``, ``grid.KEY``) overrides the sweep
+    instead; a ``[grid]`` table expands to settings (:mod:`fedopt.sweep_grid`).
+
     ``quick`` reads the sweep's quick tier (its ``[quick]`` table: fewer seeds,
     rounds, variants), the smoke test of a reproduction.
     """
+    from fedopt.sweep_grid import apply_sweep_sets, expand_grid
+
     path = Path(path)
     raw = read_toml(path)
     for key in raw:
@@ -240,6 +247,9 @@ def load_sweep(path: str | Path, sets: Sequence[str] = (), *, quick: bool = Fals
             raise ConfigError(
                 key, raw[key], f"a sweep key ({', '.join(_KEYS)}){did_you_mean(key, _KEYS)}"
             )
+    raw, sets = apply_sweep_sets(raw, sets)
+    if "grid" in raw:
+        raw["settings"] = expand_grid(raw.pop("grid"), raw.get("settings"))
     raw = _quick(raw, apply=quick)
     base: dict[str, Any] = {}
     if "base" in raw:
