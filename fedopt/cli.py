@@ -327,7 +327,10 @@ def cmd_reference(args: argparse.Namespace, console: Console) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fedopt`` command."""
+    from importlib import metadata
+
     p = argparse.ArgumentParser(prog="fedopt", description="Federated learning simulator.")
+    p.add_argument("--version", action="version", version=f"fedopt {metadata.version('fedopt')}")
     sub = p.add_subparsers(dest="command", required=True)
     sets = {
         "action": "append",

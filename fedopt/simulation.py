@@ -71,6 +71,15 @@ class RunResult:
         """The last measured accuracy (central when available, else federated)."""
         return self.summary.get("final_accuracy")
 
+    def __repr__(self) -> str:  # the rows are many; say how many, not what
+        status = self.summary.get("status", "?")
+        acc = self.final_accuracy
+        shown = "None" if acc is None else f"{acc:.4f}"
+        return (
+            f"RunResult(run_dir={str(self.run_dir)!r}, rows={len(self.rows)}, "
+            f"status={status!r}, final_accuracy={shown})"
+        )
+
 
 def versions() -> dict[str, str]:
     """Versions of the packages a run's numbers depend on."""

@@ -178,8 +178,11 @@ def compare_rows(
     return out
 
 
-def _pm(mean: float | None, std: float | None) -> str:
-    return _DASH if mean is None else f"{mean:.3f} ± {std or 0.0:.3f}"
+def _pm(mean: float | None, std: float | None, n: int | None = None) -> str:
+    """``mean ± std``; with one seed ``mean (n=1)``: a spread of one value is not zero."""
+    if mean is None:
+        return _DASH
+    return f"{mean:.3f} (n=1)" if n == 1 else f"{mean:.3f} ± {std or 0.0:.3f}"
 
 
 def _reach(mean: float | None, reached: int | None, seeds: int) -> str:
@@ -212,15 +215,15 @@ def format_markdown(rows: list[dict], *, target: float | None, columns: Sequence
         cells = [
             _cell(r["setting"]),
             _cell(r["strategy"]),
-            _pm(r["final_acc_mean"], r["final_acc_std"]),
-            _pm(r["best_acc_mean"], r["best_acc_std"]),
+            _pm(r["final_acc_mean"], r["final_acc_std"], r["seeds"]),
+            _pm(r["best_acc_mean"], r["best_acc_std"], r["seeds"]),
         ]
         if target is not None:
             cells.append(_reach(r["rounds_to_target_mean"], r["reached"], r["seeds"]))
             cells.append(_reach(r["sim_time_to_target_mean"], r["reached"], r["seeds"]))
         mb = r["bytes_total_mean"]
         cells.append(_DASH if mb is None else f"{mb / 1e6:.2f}")
-        cells += [_pm(r.get(f"{k}_mean"), r.get(f"{k}_std")) for k in columns]
+        cells += [_pm(r.get(f"{k}_mean"), r.get(f"{k}_std"), r["seeds"]) for k in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

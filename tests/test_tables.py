@@ -182,6 +182,24 @@ def test_format_markdown_exact():
     )
 
 
+def test_one_seed_shows_n_equals_1_not_a_zero_spread():
+    one = compare_rows([cell("fedavg", "iid", 0, run_rows([0.1, 0.9], dt=1.0))], target=None)
+    assert one[0]["seeds"] == 1
+    assert "| iid | fedavg | 0.900 (n=1) | 0.900 (n=1) | 0.00 |" in format_markdown(
+        one, target=None
+    )
+
+
+def test_run_result_repr_counts_rows_instead_of_printing_them(tmp_path):
+    from fedopt.simulation import RunResult
+
+    rows = [{"round": r} for r in range(50)]
+    got = repr(RunResult(tmp_path, rows, {"status": "completed", "final_accuracy": 0.91234}))
+    assert got == (
+        f"RunResult(run_dir={str(tmp_path)!r}, rows=50, status='completed', final_accuracy=0.9123)"
+    )
+
+
 def test_mean_curve_round_grid_and_interpolation():
     a = [{"round": r, "sim_time": 10.0 * r, "central_accuracy": 0.5 * r} for r in range(3)]
     b = [{"round": r, "sim_time": 20.0 * r, "central_accuracy": 0.25 * r} for r in range(4)]
