@@ -1,4 +1,4 @@
-"""Flower's Ray simulation backend with one repair: a Ray worker that dies is replaced.
+"""Flower's Ray simulation backend, repaired: dead workers replaced, Ray kept off our signals.
 
 Flower 1.41's ``RayBackend`` hands the actor of a failed message back to its
 pool whatever the failure, so after a worker process dies (out of memory, a
@@ -8,8 +8,10 @@ setting for this, so fedopt swaps in a subclass (:func:`resilient_backend`) for 
 simulations: the message in flight still fails (the server drops that client
 from the round and logs why), but a fresh actor with the same resources takes
 the dead one's place. Nodes keep their ``Context`` (the engine holds it, not
-the actor), so only the failed message's work is lost. Everything else is
-Flower's code, unchanged.
+the actor), so only the failed message's work is lost. Ray's own processes
+are started in process groups of their own (:func:`separate_process_groups`),
+so a signal to the driver's whole group does not kill the workers before the
+round can finish. Everything else is Flower's and Ray's code, unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import functools
 import logging
 from typing import Any
 
-__all__ = ["install", "resilient_backend"]
+__all__ = ["install", "resilient_backend", "separate_process_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,49 @@ def resilient_backend() -> type:
     return ResilientRayBackend
 
 
+@functools.cache
+def _grouped_popen(base: type) -> type:
+    """Ray's process launcher ``base`` starting each Ray process in a process group of its own."""
+
+    class GroupedPopen(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("process_group", 0)
+            super().__init__(*args, **kwargs)
+
+    return GroupedPopen
+
+
+def separate_process_groups() -> bool:
+    """Start Ray's processes (GCS, raylet and the workers it forks) outside our process group.
+
+    A SIGTERM or SIGINT sent to the whole process group (``timeout``, SLURM,
+    systemd, Ctrl-C at a terminal) then reaches the driver only, which finishes
+    its round and checkpoints while the workers live on. Ray does the same on
+    Windows; on Linux it is safe where Ray has kernel fate-sharing (its
+    processes die with their parent through PR_SET_PDEATHSIG, not through the
+    group). Returns whether the launcher was changed.
+    """
+    import sys
+
+    import ray._private.services as services
+    import ray._private.utils as ray_utils
+
+    if sys.platform == "win32" or not ray_utils.detect_fate_sharing_support():
+        return False
+    if not getattr(services.ConsolePopen, "_fedopt_grouped", False):
+        grouped = _grouped_popen(services.ConsolePopen)
+        grouped._fedopt_grouped = True
+        services.ConsolePopen = grouped
+    return True
+
+
 def install() -> None:
-    """Make Flower's simulation engine (in this process) build the resilient backend."""
+    """Make Flower's simulation engine (in this process) build the resilient backend.
+
+    Ray's processes are also started outside this process's group
+    (:func:`separate_process_groups`).
+    """
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
     raybackend.RayBackend = resilient_backend()
+    separate_process_groups()
