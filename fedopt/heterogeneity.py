@@ -3,44 +3,97 @@
 Speed models are registered in :data:`fedopt.registry.SPEEDS`; each maps its
 params dataclass and a numpy generator to relative client speeds (1.0 is
 nominal, 2.0 is twice as fast). The :class:`VirtualClock` turns a client's
-work (examples processed) into simulated seconds; it never sleeps and never
-reads wall time, so simulated time is exactly reproducible.
+update into simulated seconds under a duration model of :data:`DURATIONS`:
+``work`` (the default) divides the examples processed by ``base_rate * speed``;
+``speed`` makes an update last ``1 / speed`` whatever its work, the FedFix
+code's τ_i, which depends on the speed spread only. Every speed model's
+parameters carry the choice as ``duration`` (:class:`ClockParams`), so a
+scenario writes ``heterogeneity.duration = "speed"``. The clock never sleeps
+and never reads wall time, so simulated time is exactly reproducible.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Literal
 
 import numpy as np
 
 from fedopt.params import check
-from fedopt.registry import SPEEDS, NoParams
+from fedopt.registry import SPEEDS
 
 __all__ = [
+    "DURATIONS",
+    "ClockParams",
+    "ConstantParams",
     "FxParams",
     "LognormalParams",
     "TwoTierParams",
     "VirtualClock",
     "availability",
     "client_speeds",
+    "duration_model",
 ]
 
 
+def work_duration(work: float, *, base_rate: float, speed: float) -> float:
+    """``work`` examples at ``base_rate * speed`` examples per simulated second."""
+    return float(work) / (base_rate * speed)
+
+
+def speed_duration(work: float, *, base_rate: float, speed: float) -> float:
+    """One update lasts ``1 / speed`` simulated seconds, whatever its work (FedFix's τ_i)."""
+    return 1.0 / speed
+
+
+#: Duration models of the :class:`VirtualClock`: name -> ``f(work, *, base_rate, speed)``.
+DURATIONS: Mapping[str, Callable[..., float]] = MappingProxyType(
+    {"work": work_duration, "speed": speed_duration}
+)
+
+
 @dataclass(frozen=True)
-class LognormalParams:
+class ClockParams:
+    """What every speed model's parameters share: the clock's duration model.
+
+    Attributes
+    ----------
+    duration : str
+        ``work``: an update lasts examples processed / (base_rate * speed), so
+        clients with less data finish sooner; ``speed``: it lasts 1 / speed
+        simulated seconds whatever its work (the FedFix code's τ_i: under
+        ``fx`` exactly 1 - i X / 100 / (M - 1), F-0 homogeneous).
+    """
+
+    duration: Literal["work", "speed"] = "work"
+
+    def __post_init__(self) -> None:
+        check(
+            self.duration in DURATIONS, "duration", self.duration, "one of " + ", ".join(DURATIONS)
+        )
+
+
+@dataclass(frozen=True)
+class ConstantParams(ClockParams):
+    """Parameters of the ``constant`` speed model: only the clock's duration model."""
+
+
+@dataclass(frozen=True)
+class LognormalParams(ClockParams):
     """Parameters of the ``lognormal`` speed model: log-speeds are N(0, sigma^2)."""
 
     sigma: float = 0.5
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(0.0 <= self.sigma < math.inf, "sigma", self.sigma, "a finite number >= 0")
 
 
 @dataclass(frozen=True)
-class TwoTierParams:
+class TwoTierParams(ClockParams):
     """Parameters of the ``two_tier`` speed model.
 
     Attributes
@@ -55,6 +108,7 @@ class TwoTierParams:
     slow_factor: float = 0.25
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(
             0.0 <= self.slow_fraction <= 1.0,
             "slow_fraction",
@@ -65,16 +119,19 @@ class TwoTierParams:
 
 
 @dataclass(frozen=True)
-class FxParams:
+class FxParams(ClockParams):
     """Parameters of the ``fx`` speed model: per-unit times spread linearly by X percent."""
 
     spread: float = 80.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(0.0 <= self.spread < 100.0, "spread", self.spread, "a percentage in [0, 100)")
 
 
-def constant_speeds(params: NoParams, *, num_clients: int, rng: np.random.Generator) -> np.ndarray:
+def constant_speeds(
+    params: ConstantParams, *, num_clients: int, rng: np.random.Generator
+) -> np.ndarray:
     """Homogeneous clients: every speed is 1."""
     return np.ones(num_clients, dtype=np.float64)
 
@@ -106,7 +163,7 @@ def fx_speeds(params: FxParams, *, num_clients: int, rng: np.random.Generator) -
     return 1.0 / tau
 
 
-SPEEDS.register("constant", constant_speeds, params=NoParams)
+SPEEDS.register("constant", constant_speeds, params=ConstantParams)
 SPEEDS.register("lognormal", lognormal_speeds, params=LognormalParams)
 SPEEDS.register("two_tier", two_tier_speeds, params=TwoTierParams)
 SPEEDS.register("fx", fx_speeds, params=FxParams)
@@ -140,6 +197,11 @@ def client_speeds(name: str, params: Any, *, num_clients: int, seed: int) -> np.
     return np.asarray(entry.obj(params, num_clients=num_clients, rng=rng), dtype=np.float64)
 
 
+def duration_model(params: Any) -> str:
+    """The duration model a speed model's ``params`` choose (``work`` when they have none)."""
+    return str(getattr(params, "duration", "work"))
+
+
 def availability(num_clients: int, *, probability: float, seed: int, round_: int) -> np.ndarray:
     """Boolean mask of the clients available in round ``round_``.
 
@@ -156,9 +218,10 @@ def availability(num_clients: int, *, probability: float, seed: int, round_: int
 
 @dataclass(eq=False)
 class VirtualClock:
-    """Simulated time: an update lasts work / (base_rate * speed); a round, its slowest one.
+    """Simulated time: an update's duration follows ``duration_model``; a round, its slowest one.
 
-    A client update lasts ``work / (base_rate * speed)`` simulated seconds; a
+    Under ``work`` a client update lasts ``work / (base_rate * speed)`` simulated
+    seconds; under ``speed`` it lasts ``1 / speed`` (base_rate unused). A
     synchronous round lasts as long as its slowest participant.
 
     Attributes
@@ -169,11 +232,14 @@ class VirtualClock:
         Examples per simulated second at speed 1.0.
     now : float
         Current simulated time in seconds.
+    duration_model : str
+        A name in :data:`DURATIONS`: ``work`` or ``speed``.
     """
 
     speeds: np.ndarray
     base_rate: float = 100.0
     now: float = 0.0
+    duration_model: str = "work"
 
     def __post_init__(self) -> None:
         self.speeds = np.asarray(self.speeds, dtype=np.float64)
@@ -181,12 +247,17 @@ class VirtualClock:
             raise ValueError("speeds must be a 1-d array of finite numbers > 0")
         if not (0.0 < self.base_rate < math.inf):
             raise ValueError(f"base_rate must be a finite number > 0, got {self.base_rate}")
+        if self.duration_model not in DURATIONS:
+            raise ValueError(
+                f"duration_model must be one of {', '.join(DURATIONS)}, got {self.duration_model!r}"
+            )
 
     def duration(self, cid: int, work: float) -> float:
-        """Simulated seconds client ``cid`` needs for ``work`` examples."""
+        """Simulated seconds client ``cid`` needs for an update of ``work`` examples."""
         if work < 0:
             raise ValueError(f"work must be >= 0, got {work}")
-        return float(work) / (self.base_rate * float(self.speeds[cid]))
+        f = DURATIONS[self.duration_model]
+        return f(float(work), base_rate=self.base_rate, speed=float(self.speeds[cid]))
 
     def finish_round(self, durations: Mapping[int, float]) -> float:
         """Advance ``now`` by the slowest duration of a synchronous round and return it."""
@@ -200,6 +271,7 @@ class VirtualClock:
             "speeds": [float(s) for s in self.speeds],
             "base_rate": float(self.base_rate),
             "now": float(self.now),
+            "duration_model": self.duration_model,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -207,3 +279,4 @@ class VirtualClock:
         self.speeds = np.asarray(state["speeds"], dtype=np.float64)
         self.base_rate = float(state["base_rate"])
         self.now = float(state["now"])
+        self.duration_model = str(state.get("duration_model", "work"))

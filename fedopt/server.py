@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from fedopt import codec, resumable
 from fedopt.clientapp import RESERVED_METRICS
 from fedopt.errors import DivergenceError, RunError
-from fedopt.heterogeneity import VirtualClock, availability, client_speeds
+from fedopt.heterogeneity import VirtualClock, availability, client_speeds, duration_model
 from fedopt.privacy.secrecy import NoiseKey
 from fedopt.records import (
     CID_KEY,
@@ -126,7 +126,9 @@ class RoundDriver:
         self.latest: dict[str, dict[int, float]] = {k: {} for k in self.metric_stats}
         h = s.heterogeneity
         speeds = client_speeds(h.speed, h.params, num_clients=task.num_clients, seed=s.run.seed)
-        self.clock = VirtualClock(speeds=speeds, base_rate=h.base_rate)
+        self.clock = VirtualClock(
+            speeds=speeds, base_rate=h.base_rate, duration_model=duration_model(h.params)
+        )
         self.model = task.new_model()
         bind = find_hook(self.strategy, "bind_model")
         if bind is not None:  # strategies that need the model's structure get the run's model

@@ -310,7 +310,11 @@ class AsyncDriver(RoundDriver):
         self.emit(row)
 
     def summary_extra(self) -> Row:
-        """The staleness histogram, contributions per client and versions kept, for summary.json."""
+        """Staleness histogram, contributions per client, versions kept and clock, for summary.json.
+
+        ``clock`` is the virtual clock's state: ``duration_model`` (``work`` or
+        ``speed``), ``base_rate``, each client's speed and the simulated time reached.
+        """
         out = super().summary_extra()
         if hasattr(self, "timeline"):
             out.update(
@@ -322,5 +326,6 @@ class AsyncDriver(RoundDriver):
                 },
                 versions_held_max=self._held_max,
                 client_durations={str(c): d for c, d in sorted(self.durations.items())},
+                clock={**self.clock.state_dict(), "now": self.timeline.now},
             )
         return out

@@ -34,6 +34,7 @@ from fedopt.events import (
     FixedPeriodSchedule,
     Schedule,
     SyncSchedule,
+    simulate,
 )
 from fedopt.params import check
 from fedopt.registry import STRATEGIES
@@ -41,7 +42,14 @@ from fedopt.training import LocalTrainConfig
 from strategies.async_loop import AsyncDriver, Contribution
 from strategies.flower import flower_kwargs
 
-__all__ = ["AsyncParams", "ClockStrategy", "FedBuffParams", "FedFixParams", "SyncParams"]
+__all__ = [
+    "AsyncParams",
+    "ClockStrategy",
+    "FedBuffParams",
+    "FedFixParams",
+    "SyncParams",
+    "participation_fractions",
+]
 
 
 @dataclass(frozen=True)
@@ -91,12 +99,17 @@ class AsyncParams(SyncParams):
 class FedBuffParams(AsyncParams):
     """FedBuff: aggregate once ``buffer_size`` updates have arrived.
 
-    ``identical``: d_i = 1/c; ``weight``: d_i = p_i / f_i with f_i = c / (τ_i Σ_j 1/τ_j),
-    the share of aggregations client i joins in the long run.
+    ``identical``: d_i = 1/c; ``weight``: d_i = p_i / f_i, where f_i is the
+    fraction of aggregations client i joins. ``participation`` says how f_i is
+    found: ``long_run`` (the default) uses the long-run share c / (τ_i Σ_j 1/τ_j),
+    which exceeds 1 for a client faster than the buffer fills; ``schedule`` counts
+    it on the run's own schedule, as the FedFix code does: the aggregations i
+    joins over all aggregations the run makes (its time budget, or ``run.rounds``).
     """
 
     buffer_size: int = 5
     weights: Literal["identical", "weight"] = "identical"
+    participation: Literal["long_run", "schedule"] = "long_run"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -244,13 +257,97 @@ class AsyncFedAvg(ClockStrategy):
 
 
 class FedBuff(ClockStrategy):
-    """FedBuff (Nguyen et al. 2022): apply the buffer once c updates have arrived."""
+    """FedBuff (Nguyen et al. 2022): apply the buffer once c updates have arrived.
+
+    Parameters
+    ----------
+    schedule, params, name
+        As for :class:`ClockStrategy`.
+    max_aggregations : int or None
+        The run's number of aggregations when it has no time budget (``run.rounds``),
+        for the ``schedule`` participation fractions.
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        params: FedBuffParams,
+        *,
+        name: str,
+        max_aggregations: int | None = None,
+    ) -> None:
+        super().__init__(schedule, params, name=name)
+        self.max_aggregations = max_aggregations
+        self.fractions: dict[int, float] = {}
+
+    def bind(self, *, importance: Sequence[float], durations: Mapping[int, float]) -> None:
+        """Bind the federation and, for ``participation = "schedule"``, measure each f_i."""
+        super().bind(importance=importance, durations=durations)
+        self.fractions = {}
+        if self.params.participation == "schedule" and self.params.weights == "weight":
+            self.fractions = participation_fractions(
+                self.schedule,
+                self.durations,
+                time_budget=self.time_budget,
+                max_aggregations=None if self.time_budget is not None else self.max_aggregations,
+            )
+
+    def fraction(self, cid: int) -> float:
+        """f_i: the fraction of aggregations client ``cid`` joins."""
+        if self.params.participation == "long_run":
+            return self.params.buffer_size / (self.rate_sum() * self.durations[cid])
+        f = self.fractions.get(cid, 0.0)
+        if f <= 0.0:
+            raise ValueError(f"client {cid} joins no aggregation of the planned schedule")
+        return f
 
     def base_weight(self, c: Contribution) -> float:
-        size = self.params.buffer_size
         if self.params.weights == "identical":
-            return 1.0 / size
-        return self.rate_sum() * c.duration * self.share(c.cid) / size
+            return 1.0 / self.params.buffer_size
+        return self.share(c.cid) / self.fraction(c.cid)
+
+
+def participation_fractions(
+    schedule: Schedule,
+    durations: Mapping[int, float],
+    *,
+    time_budget: float | None,
+    max_aggregations: int | None,
+) -> dict[int, float]:
+    """Each client's fraction of the aggregations of the whole planned schedule.
+
+    The FedFix code's ``agg_clients``: the schedule is simulated for the clients'
+    fixed durations (``clients_time_schedule``), and f_i is the number of
+    aggregations client i joins over the number of aggregations.
+
+    Parameters
+    ----------
+    schedule : Schedule
+        The aggregation rule.
+    durations : Mapping[int, float]
+        Each client's simulated duration, keyed 0..M-1.
+    time_budget : float or None
+        The run's time budget.
+    max_aggregations : int or None
+        The run's number of aggregations when it has no time budget.
+
+    Returns
+    -------
+    dict[int, float]
+        f_i for every client (0 for one that joins none).
+    """
+    plan = simulate(
+        schedule,
+        [durations[c] for c in range(len(durations))],
+        time_budget=time_budget,
+        max_aggregations=max_aggregations,
+    )
+    joined = dict.fromkeys(range(len(durations)), 0)
+    for agg, _ in plan:
+        for cid in agg.cids:
+            joined[cid] += 1
+    total = max(len(plan), 1)
+    return {c: n / total for c, n in joined.items()}
 
 
 class FedFix(ClockStrategy):
@@ -311,7 +408,10 @@ def _async(params: AsyncParams, *, scenario: Any) -> ClockStrategy:
 @_on_clock
 def _fedbuff(params: FedBuffParams, *, scenario: Any) -> ClockStrategy:
     """FedBuff (Nguyen et al. 2022): aggregate once buffer_size updates have arrived."""
-    return FedBuff(BufferSchedule(params.buffer_size), params, name="fedbuff")
+    rounds = None if params.time_budget is not None else scenario.run.rounds
+    return FedBuff(
+        BufferSchedule(params.buffer_size), params, name="fedbuff", max_aggregations=rounds
+    )
 
 
 @_on_clock

@@ -207,6 +207,11 @@ def test_update_applies_each_delta_from_its_own_start_version():
         ({"strategy__delta_t": 0.0}, "strategy.delta_t"),
         ({"strategy__time_budget": -1.0}, "strategy.time_budget"),
         ({"strategy__weights": "uniform"}, "strategy.weights"),
+        (
+            {"strategy__name": "fedbuff", "strategy__participation": "measured"},
+            "strategy.participation",
+        ),
+        ({"heterogeneity__duration": "examples"}, "heterogeneity.duration"),
     ],
 )
 def test_bad_scenarios_are_refused_before_running(sets, key):
@@ -234,3 +239,62 @@ def test_ray_runs_are_identical_for_one_or_two_workers(tmp_path):
     assert strip_wall(one.rows) == strip_wall(two.rows)
     assert len(one.rows) > 10
     assert one.summary["staleness_histogram"] == two.summary["staleness_histogram"]
+
+
+def test_fedbuff_schedule_participation_is_counted_on_a_hand_built_schedule():
+    # durations 1, 2, 3; buffer 2; budget 6. By hand: t=2 {0,1}, t=3 {0,2}, t=4 {0,1},
+    # t=6 {0,1} (0 back at 5, 1 and 2 both at 6: the tie goes to 1); the next would be at 7.
+    kw = {"buffer_size": 2, "weights": "weight", "importance": "uniform", "time_budget": 6.0}
+    durations, sizes = (1.0, 2.0, 3.0), (5, 5, 5)
+    buff = bound("fedbuff", m=3, durations=durations, sizes=sizes, participation="schedule", **kw)
+    assert buff.fractions == {0: 1.0, 1: 0.75, 2: 0.25}
+    got = [buff.weight(contribution(c)) for c in range(3)]
+    assert got == pytest.approx([1 / 3, 4 / 9, 4 / 3], rel=1e-15)  # p_i / f_i
+    # the long-run share c / (tau_i sum_j 1/tau_j) = 12 / (11 tau_i) overcounts the fast client
+    old = bound("fedbuff", m=3, durations=durations, sizes=sizes, **kw)
+    assert [old.fraction(c) for c in range(3)] == pytest.approx([12 / 11, 6 / 11, 4 / 11])
+    assert old.weight(contribution(0, duration=1.0)) == pytest.approx(11 / 36)
+    # without a time budget the schedule is run.rounds aggregations: {0,1} then {0,2}
+    s = parse_scenario(
+        {"strategy": {"name": "fedbuff", "buffer_size": 2, "weights": "weight",
+                      "participation": "schedule"}, "run": {"rounds": 2}}
+    )  # fmt: skip
+    strat = STRATEGIES.get("fedbuff").obj(s.strategy.params, scenario=s)
+    strat.bind(importance=sizes, durations=dict(enumerate(durations)))
+    assert strat.fractions == {0: 1.0, 1: 0.5, 2: 0.5}
+
+
+def test_fedbuff_schedule_fractions_match_the_run():
+    s = scenario(
+        strategy__name="fedbuff", strategy__buffer_size=2, strategy__weights="weight",
+        strategy__participation="schedule",
+    )  # fmt: skip
+    rows, driver, _ = run_clock(s)
+    counts = driver.summary_extra()["contributions_per_client"]
+    aggs = rows[-1]["round"]
+    assert driver.strategy.fractions == {int(c): n / aggs for c, n in counts.items()}
+    p = driver.strategy.importance
+    for r in rows[1:]:
+        for c, pc in r["per_client"].items():
+            assert pc["weight"] == pytest.approx(p[int(c)] * aggs / counts[c], rel=1e-12)
+
+
+def test_speed_duration_model_times_updates_by_the_speed_spread_only():
+    # F-80 over 6 clients: tau_i = 1 - 0.16 i, whatever the client's data size
+    tau = [1.0, 0.84, 0.68, 0.52, 0.36, 0.2]
+    raw = {  # lognormal sizes: unequal work (5 steps of up to 16 examples each)
+        **RAW,
+        "partition": {"name": "quantity", "num_clients": 6, "sigma": 2.0},
+        "strategy": {"name": "fedfix", "time_budget": 2.0, "delta_t": 0.5},
+    }
+    rows, driver, _ = run_clock(scenario_with(raw, heterogeneity__duration="speed"))
+    extra = driver.summary_extra()
+    got = [extra["client_durations"][str(c)] for c in range(6)]
+    np.testing.assert_allclose(got, tau, rtol=0, atol=1e-15)
+    assert extra["clock"]["duration_model"] == "speed"
+    assert extra["clock"]["now"] == rows[-1]["sim_time"] == 2.0
+    # participants every ceil(tau_i / 0.5) aggregations: 0-3 every 2nd, 4 and 5 every one
+    assert [r["clients"] for r in rows[1:]] == [[4, 5], [0, 1, 2, 3, 4, 5]] * 2
+    _, work, _ = run_clock(scenario_with(raw))
+    assert work.summary_extra()["clock"]["duration_model"] == "work"
+    assert [work.summary_extra()["client_durations"][str(c)] for c in range(6)] != got

@@ -4,14 +4,18 @@ import time
 import numpy as np
 import pytest
 
+from fedopt.config import parse_scenario
 from fedopt.errors import ConfigError
 from fedopt.heterogeneity import (
+    ClockParams,
+    ConstantParams,
     FxParams,
     LognormalParams,
     TwoTierParams,
     VirtualClock,
     availability,
     client_speeds,
+    duration_model,
 )
 from fedopt.params import build
 from fedopt.registry import SPEEDS, NoParams
@@ -141,7 +145,12 @@ def test_clock_state_round_trip():
     clock = VirtualClock(speeds=np.array([1.0, 1.25, 3.0]), base_rate=50.0)
     clock.finish_round({0: clock.duration(0, 75), 2: clock.duration(2, 300)})
     state = json.loads(json.dumps(clock.state_dict()))
-    assert state == {"speeds": [1.0, 1.25, 3.0], "base_rate": 50.0, "now": 2.0}
+    assert state == {
+        "speeds": [1.0, 1.25, 3.0],
+        "base_rate": 50.0,
+        "now": 2.0,
+        "duration_model": "work",
+    }
     other = VirtualClock(speeds=np.ones(1))
     other.load_state_dict(state)
     assert other.now == 2.0 and other.base_rate == 50.0
@@ -156,3 +165,81 @@ def test_clock_rejects_bad_input():
         VirtualClock(speeds=np.ones(2), base_rate=0.0)
     with pytest.raises(ValueError):
         VirtualClock(speeds=np.ones(2)).duration(0, -1)
+
+
+def test_speed_duration_model_gives_the_fedfix_code_tau_exactly():
+    # F-80 over M = 5: tau_i = 1 - i * 0.8 / 4, whatever each client's work.
+    speeds = client_speeds("fx", FxParams(spread=80.0, duration="speed"), num_clients=5, seed=0)
+    clock = VirtualClock(speeds, base_rate=160.0, duration_model="speed")
+    got = [clock.duration(i, work) for i, work in enumerate([160, 100, 10, 0, 1e6])]
+    np.testing.assert_allclose(got, [1.0, 0.8, 0.6, 0.4, 0.2], rtol=0, atol=1e-15)
+    # The default work model: 100 examples at 160 per second take 0.625 * tau_i.
+    work = VirtualClock(speeds, base_rate=160.0)
+    np.testing.assert_allclose(
+        [work.duration(i, 100) for i in range(5)], [0.625, 0.5, 0.375, 0.25, 0.125], atol=1e-15
+    )
+
+
+def test_speed_duration_model_makes_f0_homogeneous():
+    speeds = client_speeds("fx", FxParams(spread=0.0), num_clients=4, seed=0)
+    works = [160.0, 100.0, 120.0, 80.0]  # a Dirichlet split's unequal work
+    speed = VirtualClock(speeds, base_rate=160.0, duration_model="speed")
+    work = VirtualClock(speeds, base_rate=160.0)
+    assert [speed.duration(i, w) for i, w in enumerate(works)] == [1.0] * 4
+    assert [work.duration(i, w) for i, w in enumerate(works)] == [1.0, 0.625, 0.75, 0.5]
+
+
+def test_duration_is_a_key_of_every_speed_model():
+    assert [SPEEDS.get(n).params for n in ("constant", "lognormal", "two_tier", "fx")] == [
+        ConstantParams,
+        LognormalParams,
+        TwoTierParams,
+        FxParams,
+    ]
+    assert all(issubclass(SPEEDS.get(n).params, ClockParams) for n in SPEEDS.names())
+    raw = {"name": "d", "heterogeneity": {"speed": "fx", "spread": 80.0, "duration": "speed"}}
+    s = parse_scenario(raw)
+    assert s.heterogeneity.params == FxParams(spread=80.0, duration="speed")
+    assert duration_model(s.heterogeneity.params) == "speed"
+    assert s.to_dict()["heterogeneity"]["duration"] == "speed"
+    assert duration_model(parse_scenario({"name": "d"}).heterogeneity.params) == "work"
+    assert duration_model(NoParams()) == "work"  # a user's speed model without the key
+    with pytest.raises(ConfigError, match="duration"):
+        parse_scenario({"name": "d", "heterogeneity": {"duration": "examples"}})
+
+
+def test_clock_state_keeps_the_duration_model():
+    clock = VirtualClock(speeds=np.array([2.0, 4.0]), duration_model="speed")
+    state = clock.state_dict()
+    assert state["duration_model"] == "speed"
+    other = VirtualClock(speeds=np.ones(1))
+    other.load_state_dict(state)
+    assert other.duration(1, 999) == 0.25
+    del state["duration_model"]  # a snapshot from before the key: the work model
+    other.load_state_dict(state)
+    assert other.duration(1, 400) == 1.0
+    with pytest.raises(ValueError, match="duration_model"):
+        VirtualClock(speeds=np.ones(2), duration_model="examples")
+
+
+def test_synchronous_rounds_honour_the_speed_duration_model():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from inline import run_inline
+
+    from fedopt.config import read_toml
+
+    root = Path(__file__).resolve().parents[1]
+    raw = read_toml(root / "scenarios/quickstart.toml")
+    raw["run"] = {"rounds": 2, "fed_eval_every": 0}
+    raw["partition"]["num_clients"] = 5
+    raw["heterogeneity"] = {"speed": "fx", "spread": 80.0, "duration": "speed"}
+    rows, driver, _ = run_inline(parse_scenario(raw))
+    # tau_i = 1 - 0.8 i / 4: the slowest client (i = 0) takes 1 s whatever its work
+    assert [r["round_sim_time"] for r in rows[1:]] == [1.0, 1.0]
+    assert driver.clock.duration_model == "speed"
+    raw["heterogeneity"]["duration"] = "work"
+    work, _, _ = run_inline(parse_scenario(raw))
+    assert work[1]["round_sim_time"] != 1.0  # by work: examples / (base_rate x speed)

@@ -24,8 +24,9 @@ def test_every_paper_sweep_has_claims_three_seeds_and_a_quick_tier():
         assert full.paper, path.name
         assert quick.seeds == (0,) and quick.claims, path.name
         assert len(quick.cells()) < len(full.cells()), path.name
-        rounds = max(sc.run.rounds for *_, sc in quick.cells())
-        assert rounds <= 3, path.name
+        for *_, sc in quick.cells():  # a few rounds, or a few simulated seconds (async)
+            budget = getattr(sc.strategy.params, "time_budget", None)
+            assert sc.run.rounds <= 3 or (budget is not None and budget <= 3), path.name
 
 
 def test_an_unknown_sweep_name_is_one_line(tmp_path):
