@@ -88,9 +88,16 @@ class DPSGDClient(ClientAlgorithm):
         if p.noise_multiplier is not None:
             return float(p.noise_multiplier)
         if ledger.sigma is None:
-            rounds = self.scenario.run.rounds
+            s = self.scenario
             ledger.sigma = calibrate_noise(
-                **sigma_request(p, sample_rate=q, local_steps=tau, rounds=rounds)
+                **sigma_request(
+                    p,
+                    sample_rate=q,
+                    local_steps=tau,
+                    rounds=s.run.rounds,
+                    clients_per_round=s.clients_per_round,
+                    num_clients=s.partition.num_clients,
+                )
             )
         return ledger.sigma
 

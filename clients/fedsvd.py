@@ -20,7 +20,7 @@ from fedopt.lora import (
     inject_lora,
     set_trainable,
 )
-from fedopt.privacy.plan import DPSGDParams
+from fedopt.privacy.plan import DPSGDParams, resolve_participations
 from fedopt.registry import CLIENTS, STRATEGIES
 from fedopt.training import load_weights_
 
@@ -72,7 +72,10 @@ class LoraClient(DPSGDClient):
     scenario's DP-SGD (Opacus: per-sample clipping, noise, the client's ledger
     composed across rounds; ``non_private`` drops the noise), keeps A and the
     base frozen otherwise (no update, no noise), and returns ΔB (and ΔA) with
-    its example count.
+    its example count. ``max_participations = "expected"`` is resolved to
+    ceil(rounds · m / N) before σ is calibrated
+    (:func:`fedopt.privacy.plan.resolve_participations`), as the pre-run
+    check resolves it.
     """
 
     metric_stats = {"epsilon": "latest"}
@@ -80,7 +83,7 @@ class LoraClient(DPSGDClient):
     requires: Mapping[str, Any] = {"strategy": {"name": "fedsvd"}}
 
     def __init__(self, params: Any, *, scenario: Any) -> None:
-        super().__init__(params, scenario=scenario)
+        super().__init__(resolve_participations(params, scenario), scenario=scenario)
         self.trains = trained_factors(scenario)
 
     @classmethod

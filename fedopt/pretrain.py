@@ -1,9 +1,12 @@
-"""Central warm start (``[pretrain]``): language-model pretraining on public data, cached.
+"""Central warm start (``[pretrain]``) on a dataset's public side, cached; ``public_split`` data.
 
 A scenario with a ``[pretrain]`` section starts every party's model from a
-checkpoint trained centrally, by causal language modelling, on the dataset's
-public side (texts that no client and no test set holds; see
-:mod:`fedopt.text.datasets`). The checkpoint is cached under
+checkpoint trained centrally on the dataset's public side, data that no
+client and no test set holds: by causal language modelling on a text
+dataset's public texts (:mod:`fedopt.text.datasets`), or by classification on
+the public part of a ``public_split`` dataset (:func:`load_public_split`: a
+registered dataset with a fixed share of some classes held apart, e.g.
+digits 0-4 for a base the clients then adapt to all ten). The checkpoint is cached under
 ``<cache>/pretrain/<key>/`` where the key hashes everything that determines
 it (dataset and its public split, tokenizer, model, pretraining settings,
 library versions) and nothing that does not (the run's seed, the client
@@ -24,15 +27,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from fedopt.cache import atomic_write, cache_dir, config_key
+from fedopt.data.core import Dataset, TaskData, holdout, load_task_data, seed32
 from fedopt.errors import ConfigError
 from fedopt.params import check, to_plain
-from fedopt.registry import SECTIONS
+from fedopt.registry import DATASETS, SECTIONS
 
-__all__ = ["PretrainParams", "WarmStart", "load_warm_start", "warm_start", "warm_start_key"]
+__all__ = [
+    "PretrainParams",
+    "PublicSplitParams",
+    "WarmStart",
+    "load_public_split",
+    "load_warm_start",
+    "warm_start",
+    "warm_start_key",
+]
 
 #: Bumped when the checkpoint's content changes meaning.
 _FORMAT = 1
@@ -40,7 +53,11 @@ _FORMAT = 1
 
 @dataclass(frozen=True)
 class PretrainParams:
-    """Central causal-LM pretraining on the dataset's public texts before federated training.
+    """Central pretraining on the dataset's public side before federated training.
+
+    Causal language modelling on a text dataset's public texts; supervised
+    classification (cross-entropy, the model's own head) on the public part of
+    a ``public_split`` dataset.
 
     Attributes
     ----------
@@ -71,14 +88,129 @@ class PretrainParams:
 
     @classmethod
     def check_scenario(cls, scenario: Any) -> None:
-        """Refuse a warm start for data that has no text task to pretrain on."""
-        if not hasattr(scenario.data.params, "task"):
+        """Refuse a warm start for data that has no public side to pretrain on."""
+        if not hasattr(scenario.data.params, "public_fraction"):
             raise ConfigError(
                 "pretrain",
                 scenario.data.name,
-                "a text dataset with a public side (stdlib_docs, text_files): [pretrain] "
-                "trains a language model on its public texts",
+                "data with a public side: a text dataset (stdlib_docs, text_files; [pretrain] "
+                "trains a language model on its public texts) or public_split (a "
+                "classifier on its public examples)",
             )
+
+
+@dataclass(frozen=True)
+class PublicSplitParams:
+    """A registered dataset with a public part held apart from every client and test set.
+
+    The public part is a fixed random ``public_fraction`` of the examples of
+    ``public_classes``, drawn with ``public_seed`` from the source's examples
+    (its train and test sides together, loaded with ``public_seed``), so it is
+    the same for every run seed. The rest is split into the pool the clients
+    share and the central test set as the source would split it (the run's
+    seed, ``data.test_fraction``). Only a ``[pretrain]`` warm start reads the
+    public part.
+
+    Attributes
+    ----------
+    source : str
+        A registered dataset without its own public side (``digits``,
+        ``synthetic``, ``blobs``), loaded with its default parameters.
+    public_fraction : float
+        Share of the public classes' examples held apart as public, in (0, 1).
+    public_classes : tuple of int
+        The classes the public part holds; empty: every class.
+    public_seed : int
+        Seed of the public draw (and of the source's loading).
+    """
+
+    source: str = "digits"
+    public_fraction: float = 0.5
+    public_classes: tuple[int, ...] = ()
+    public_seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(
+            0.0 < self.public_fraction < 1.0,
+            "public_fraction",
+            self.public_fraction,
+            "a fraction strictly between 0 and 1",
+        )
+        check(
+            all(c >= 0 for c in self.public_classes),
+            "public_classes",
+            list(self.public_classes),
+            "class indices >= 0 (empty: every class)",
+        )
+        check(self.public_seed >= 0, "public_seed", self.public_seed, "an integer >= 0")
+
+
+def _concat(parts: list[Dataset]) -> Dataset:
+    def cat(field: str) -> np.ndarray | None:
+        values = [getattr(p, field) for p in parts]
+        return None if any(v is None for v in values) else np.concatenate(values)
+
+    return dataclasses.replace(
+        parts[0],
+        x=np.concatenate([p.x for p in parts]),
+        y=np.concatenate([p.y for p in parts]),
+        natural_id=cat("natural_id"),
+        groups=cat("groups"),
+    )
+
+
+def load_public_split(params: PublicSplitParams, *, test_fraction: float, seed: int) -> TaskData:
+    """A registered dataset with a fixed public part held apart for ``[pretrain]`` (digits, ...).
+
+    See :class:`PublicSplitParams`.
+
+    Raises
+    ------
+    ConfigError
+        Under ``data.source`` for an unknown source or one that has its own
+        public side, under ``data.public_classes`` for a class the source does
+        not have or a draw that leaves it no public example.
+    """
+    check(
+        params.source != "public_split",
+        "data.source",
+        params.source,
+        "a registered dataset other than public_split",
+    )
+    entry = DATASETS.get(params.source, key="data.source")
+    if hasattr(entry.params, "public_fraction"):
+        raise ConfigError(
+            "data.source",
+            params.source,
+            "a dataset without its own public side (text datasets have public_fraction)",
+        )
+    src = load_task_data(params.source, None, test_fraction=0.5, seed=params.public_seed)
+    if src.train.text is not None:
+        raise ConfigError("data.source", params.source, "a dataset of feature vectors or images")
+    full = _concat([src.train, src.test])
+    classes = params.public_classes or tuple(range(full.num_classes))
+    bad = [c for c in classes if c >= full.num_classes]
+    check(
+        not bad,
+        "data.public_classes",
+        list(classes),
+        f"classes of {params.source} (0..{full.num_classes - 1})",
+    )
+    rng = np.random.default_rng(seed32(params.public_seed))
+    public = np.zeros(len(full), dtype=bool)
+    for c in classes:
+        idx = np.flatnonzero(full.y == c)
+        take = int(round(params.public_fraction * len(idx)))
+        public[rng.permutation(idx)[:take]] = True
+    check(
+        public.any() and not public.all(),
+        "data.public_fraction",
+        params.public_fraction,
+        "a fraction that leaves both public and private examples",
+    )
+    rest = full.subset(np.flatnonzero(~public))
+    train, test = holdout(rest, test_fraction=test_fraction, seed=seed, stratify=True)
+    return TaskData("public_split", train, test, full.subset(np.flatnonzero(public)))
 
 
 @dataclass(frozen=True)
@@ -91,10 +223,16 @@ class WarmStart:
     cached: bool
 
 
-def _lm_data_params(scenario: Any) -> Any:
+def _is_text(scenario: Any) -> bool:
+    return hasattr(scenario.data.params, "task")
+
+
+def _pretrain_data_params(scenario: Any) -> Any:
+    """The data parameters pretraining loads: a text dataset's ``lm`` task, else as given."""
     from fedopt.data import data_params
 
-    return dataclasses.replace(data_params(scenario), task="lm")
+    params = data_params(scenario)
+    return dataclasses.replace(params, task="lm") if _is_text(scenario) else params
 
 
 def warm_start_key(scenario: Any) -> str:
@@ -103,29 +241,31 @@ def warm_start_key(scenario: Any) -> str:
 
 
 def _key(scenario: Any) -> tuple[str, dict[str, Any]]:
-    import transformers
-
     p = scenario.extras["pretrain"]
+    versions = {"torch": torch.__version__}
+    if _is_text(scenario):
+        import transformers
+
+        versions["transformers"] = transformers.__version__
     config = {
         "format": _FORMAT,
-        "data": {"name": scenario.data.name, **to_plain(_lm_data_params(scenario))},
+        "data": {"name": scenario.data.name, **to_plain(_pretrain_data_params(scenario))},
         "model": {"name": scenario.model.name, **to_plain(scenario.model.params)},
         "pretrain": to_plain(p),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": versions,
     }
     return config_key(config), config
 
 
 def _train(scenario: Any, on_step: Callable[[int, int], None] | None) -> tuple[Any, dict]:
-    """Train the scenario's model centrally on its public texts; return (state, metrics)."""
-    from fedopt.data import load_task_data
+    """Train the scenario's model centrally on its public side; return (state, metrics)."""
     from fedopt.models import build_model
     from fedopt.training import LocalTrainConfig, evaluate, train_local
 
     p = scenario.extras["pretrain"]
     data = load_task_data(
         scenario.data.name,
-        _lm_data_params(scenario),
+        _pretrain_data_params(scenario),
         test_fraction=scenario.data.test_fraction,
         seed=p.seed,
     )
@@ -133,7 +273,7 @@ def _train(scenario: Any, on_step: Callable[[int, int], None] | None) -> tuple[A
         raise ConfigError(
             "data.public_fraction",
             getattr(scenario.data.params, "public_fraction", 0.0),
-            "a fraction > 0 of public texts for [pretrain] to train on",
+            "a fraction > 0 of public data for [pretrain] to train on",
         )
     pub, test = data.public, data.test
     model = build_model(
@@ -159,10 +299,12 @@ def _train(scenario: Any, on_step: Callable[[int, int], None] | None) -> tuple[A
     )
     after = evaluate(model, xt, yt, batch_size=256)
     metrics = {
-        "public_sequences": len(pub),
+        "public_sequences": len(pub),  # examples; sequences of a text dataset
         "train_loss": res.loss,
-        "test_perplexity_before": math.exp(before.loss),
+        "test_perplexity_before": math.exp(before.loss),  # exp(test cross-entropy)
         "test_perplexity_after": math.exp(after.loss),
+        "test_accuracy_before": before.accuracy,
+        "test_accuracy_after": after.accuracy,
         "test_token_accuracy_after": after.accuracy,
         "seconds": time.perf_counter() - started,
     }
@@ -196,7 +338,9 @@ def load_warm_start(model: nn.Module, scenario: Any) -> list[str]:
 
     Every weight whose name and shape the checkpoint shares is loaded. What is
     left must be one module (the head of a task the language model was not
-    trained for, e.g. a classifier), else the checkpoint does not fit.
+    trained for, e.g. a classifier), else the checkpoint does not fit. A
+    classifier pretrained on a ``public_split`` dataset loads whole, head
+    included (it has the task's classes, whichever of them were public).
     """
     state = torch.load(warm_start(scenario).path, map_location="cpu", weights_only=True)
     target = model.state_dict()
@@ -215,3 +359,4 @@ def load_warm_start(model: nn.Module, scenario: Any) -> list[str]:
 
 
 SECTIONS.register("pretrain", PretrainParams)
+DATASETS.register("public_split", load_public_split, params=PublicSplitParams)

@@ -39,7 +39,12 @@ def sample_level_summary(report: Any) -> dict[str, Any]:
         **noise_statement(p.noise),
         "unaccounted_releases": list(_TRAIN_METRICS) if p.release_train_metrics else [],
         "plan": {
-            "participations": planned_participations(p, report.scenario.run.rounds),
+            "participations": planned_participations(
+                p,
+                report.scenario.run.rounds,
+                clients_per_round=report.scenario.clients_per_round,
+                num_clients=report.scenario.partition.num_clients,
+            ),
             "local_steps": p.steps
             if p.steps is not None
             else f"{p.epochs} x ceil(n_k / {p.batch_size})",

@@ -61,10 +61,12 @@ class LoraStrategy(FedAvg):
     Each round: send the factors in ``sends`` to the clients; receive each
     client's delta of the factors in ``trains``; add their example-weighted
     mean to the global factors; every ``svd_every`` rounds (0: never) replace
-    each layer's (B, A) by (U_r Σ_r, V_rᵀ) of P = B·A. FedSVD trains B, sends A
-    and B (A changes with every re-factorisation); FFA-LoRA trains B and sends
-    only B (A stays at its initialisation, which every party shares);
-    FedAvg-LoRA trains and sends both.
+    each layer's (B, A) by (U_r Σ_r, V_rᵀ) of P = B·A. Each round's metrics
+    carry the norm of the mean delta (``lora_delta_norm``) and of its B part
+    alone (``lora_b_delta_norm``), and whether it re-factorised (``lora_svd``).
+    FedSVD trains B, sends A and B (A changes with every re-factorisation);
+    FFA-LoRA trains B and sends only B (A stays at its initialisation, which
+    every party shares); FedAvg-LoRA trains and sends both.
 
     Parameters
     ----------
@@ -158,7 +160,8 @@ class LoraStrategy(FedAvg):
             old = current[key]
             out[key] = Array(new[key].astype(old.numpy().dtype)) if key in new else old
         metrics = MetricRecord(dict(self.train_metrics_aggr_fn(contents, self.weighted_by_key)))
-        metrics["lora_delta_norm"] = float(np.sqrt(sum(float((d**2).sum()) for d in mean.values())))
+        metrics["lora_delta_norm"] = _norm(mean.values())
+        metrics["lora_b_delta_norm"] = _norm(d for k, d in mean.items() if factor_of(k) == B_FACTOR)
         metrics["lora_svd"] = int(svd)
         return out, metrics
 
@@ -182,6 +185,11 @@ class LoraStrategy(FedAvg):
                 "model_params": total,
             }
         }
+
+
+def _norm(arrays: Iterable[np.ndarray]) -> float:
+    """Frobenius norm of the arrays taken together."""
+    return float(np.sqrt(sum(float((a**2).sum()) for a in arrays)))
 
 
 def _check_scenario(scenario: Any) -> None:

@@ -6,7 +6,7 @@ from fedopt.data import Dataset, TaskData, load_task_data
 from fedopt.data.builtin import BlobsParams, SyntheticParams
 from fedopt.errors import ConfigError
 from fedopt.params import build
-from fedopt.registry import DATASETS
+from fedopt.registry import DATASETS, load_builtins
 
 
 def _rows(ds: Dataset) -> np.ndarray:
@@ -25,6 +25,7 @@ def _pool(task: TaskData) -> Dataset:
 
 
 def test_registry_holds_every_builtin_and_file_loader():
+    load_builtins()  # the text and pretrain modules register theirs on import
     assert DATASETS.names() == [
         "blobs",
         "cifar10",
@@ -33,6 +34,7 @@ def test_registry_holds_every_builtin_and_file_loader():
         "hf",
         "mnist",
         "npz",
+        "public_split",
         "stdlib_docs",
         "synthetic",
         "text_files",

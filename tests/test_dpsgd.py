@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,3 +216,77 @@ def test_inline_run_reports_recomputable_epsilon_per_client_and_round():
         acc.history = list(zip(h["sigma"], h["q"], h["steps"], strict=True))
         assert finals[cid] == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-12)
     assert torch.get_num_threads() >= 1
+
+
+def test_expected_participations_calibrate_sigma_for_rounds_times_m_over_n(monkeypatch):
+    from fedopt.privacy import preflight
+    from fedopt.privacy.calibration import calibrate_noise
+    from fedopt.privacy.plan import (
+        expected_participations,
+        planned_participations,
+        resolve_participations,
+        sigma_request,
+    )
+
+    assert expected_participations(rounds=20, clients_per_round=3, num_clients=6) == 10
+    assert expected_participations(rounds=7, clients_per_round=2, num_clients=5) == 3  # ceil 2.8
+    assert expected_participations(rounds=5, clients_per_round=4, num_clients=4) == 5
+    r = raw(target_epsilon=2.0, max_participations="expected")
+    r["run"] = {"rounds": 7, "clients_per_round": 2, "seed": 3}  # 4 clients: ceil(7·2/4) = 4
+    s = parse_scenario(r)
+    p = s.client.params
+    assert p.max_participations == "expected"
+    assert resolve_participations(p, s).max_participations == 4
+    counts = {"clients_per_round": 2, "num_clients": 4}
+    req = sigma_request(p, sample_rate=0.1, local_steps=5, rounds=7, **counts)
+    assert req["steps"] == 4 * 5
+    assert req == sigma_request(
+        resolve_participations(p, s), sample_rate=0.1, local_steps=5, rounds=7
+    )
+    worst = sigma_request(
+        parse_scenario(raw(target_epsilon=2.0)).client.params,
+        sample_rate=0.1,
+        local_steps=5,
+        rounds=7,
+    )
+    assert worst["steps"] == 7 * 5
+    sigma, sigma_worst = calibrate_noise(**req), calibrate_noise(**worst)
+    assert sigma < sigma_worst  # less noise for the same nominal ε: the paper's calibration
+
+    def eps(steps):
+        acc = RDPAccountant()
+        acc.history = [(sigma, 0.1, steps)]
+        return acc.get_epsilon(delta=1e-5)
+
+    # The 4 expected participations spend the budget; a 5th would pass it, so it is refused.
+    assert 2.0 - 0.01 <= eps(20) <= 2.0 < eps(25)
+    with pytest.raises(ConfigError, match="client.max_participations.*clients_per_round"):
+        planned_participations(p, 7)
+    with pytest.raises(ConfigError, match="client.max_participations.*'expected'"):
+        parse_scenario(raw(target_epsilon=2.0, max_participations="mean"))
+    asked = []
+    monkeypatch.setattr(preflight, "check_reachable", lambda **kw: asked.append(kw))
+    task = build_task(s)
+    preflight.check_sample_level(task)
+    assert asked and all(kw["steps"] % 4 == 0 and "4 rounds x" in kw["where"] for kw in asked)
+    q, tau = local_plan_of(task, p)
+    assert {kw["steps"] for kw in asked} == {4 * tau}
+    assert asked[0]["sample_rate"] == q
+
+
+def local_plan_of(task, p):
+    from fedopt.privacy.plan import local_plan
+    from fedopt.privacy.preflight import train_sizes
+
+    plans = {local_plan(p, n) for n in train_sizes(task)}
+    assert len(plans) == 1  # blobs split evenly: one plan for every client
+    return plans.pop()
+
+
+def test_a_learning_rate_schedule_is_refused_for_dp_sgd_clients():
+    from fedopt.config import load_scenario
+    from fedopt.errors import ConfigError
+
+    sets = ["client.name=dpsgd", "client.target_epsilon=3", "client.lr_schedule=inverse_power"]
+    with pytest.raises(ConfigError, match="client.lr_schedule = 'inverse_power' is not allowed"):
+        load_scenario(Path(__file__).resolve().parents[1] / "scenarios/quickstart.toml", sets)

@@ -44,6 +44,7 @@ RAW = {
     "run": {"rounds": 6, "seed": 1, "fed_eval_every": 3},
 }
 CPU = torch.device("cpu")
+FACTORS = ("lora_A", "lora_B")
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +67,10 @@ def fit_once(strategy="fedsvd", server_round=1, state=None, **client):
     s = scenario_with(
         RAW, strategy__name=strategy, **{f"client__{k}": v for k, v in client.items()}
     )
+    return fit_scenario(s, server_round=server_round, state=state)
+
+
+def fit_scenario(s, *, server_round=1, state=None):
     task = build_task(s)
     model = task.new_model()
     train, _ = task.client_data(0)
@@ -125,6 +130,31 @@ def test_dp_noise_reaches_b_and_epsilon_composes_across_rounds():
     acc.history = [(1.0, q, 2 * tau)]
     assert third.metrics["dp_steps_total"] == 2 * tau
     assert third.metrics["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-12)
+
+
+def test_expected_participations_calibrate_the_lora_client_as_the_pre_run_check():
+    from fedopt.privacy.calibration import calibrate_noise
+    from fedopt.privacy.plan import sigma_request
+
+    # 6 rounds of 2 of 4 clients: ceil(6·2/4) = 3 expected participations, not 6.
+    s = scenario_with(RAW, client__max_participations="expected", run__clients_per_round=2)
+    client = LoraClient(s.client.params, scenario=s)
+    assert client.params.max_participations == 3
+    _, _, update = fit_scenario(s)
+    q, tau = float(update.metrics["dp_q"]), int(update.metrics["dp_steps"])
+    plan = {"delta": 1e-5, "sample_rate": q, "accountant": "rdp", "target_epsilon": 6.0}
+    assert update.metrics["dp_sigma"] == calibrate_noise(**plan, steps=3 * tau)
+    every = sigma_request(
+        s.client.params,
+        sample_rate=q,
+        local_steps=tau,
+        rounds=6,
+        **{"clients_per_round": 4, "num_clients": 4},
+    )
+    assert every["steps"] == 6 * tau and calibrate_noise(**every) > update.metrics["dp_sigma"]
+    acc = RDPAccountant()
+    acc.history = [(update.metrics["dp_sigma"], q, 3 * tau)]
+    assert 6.0 - 0.01 <= acc.get_epsilon(delta=1e-5) <= 6.0  # three rounds spend the budget
 
 
 # -- the server -----------------------------------------------------------------------------
@@ -224,12 +254,16 @@ def test_ffa_lora_sends_only_b_and_keeps_a_at_its_initialisation():
 
 def test_fedavg_lora_averages_a_and_b_separately():
     strategy, arrays = server_setup("fedavg_lora")
-    msgs, new, mean, _ = one_round(strategy, arrays, {"lora_A", "lora_B"})
+    msgs, new, mean, metrics = one_round(strategy, arrays, {"lora_A", "lora_B"})
     assert all(set(m.content["arrays"].keys()) == keys_of(arrays) for m in msgs)
     assert set(mean) == keys_of(arrays)
     for key in mean:
         expected = arrays[key].numpy().astype(np.float64) + mean[key]
         np.testing.assert_allclose(new[key].numpy(), expected, rtol=1e-6, atol=1e-7)
+    sq = {f: sum(float((mean[k] ** 2).sum()) for k in keys_of(arrays, f)) for f in FACTORS}
+    assert metrics["lora_b_delta_norm"] == pytest.approx(np.sqrt(sq["lora_B"]), rel=1e-6)
+    whole = np.sqrt(sq["lora_A"] + sq["lora_B"])
+    assert metrics["lora_delta_norm"] == pytest.approx(whole, rel=1e-6)  # float32 sums
 
 
 def test_a_client_sending_a_factor_it_must_not_train_is_an_error():

@@ -56,6 +56,18 @@ def test_refactorized_a_has_orthonormal_rows_and_the_product_is_kept():
     torch.testing.assert_close(b_new @ a_new, b @ a, atol=1e-5, rtol=1e-5)
 
 
+def test_refactorization_keeps_the_row_space_of_a_when_b_has_full_rank():
+    # The rows of B·A are combinations of the rows of A: the SVD re-bases A within its row space
+    # (orthonormal, ordered by singular value) and never adds a direction, so FedSVD adapts within
+    # the same r-dimensional input subspace as FFA-LoRA's frozen A.
+    b, a = factors(12, 4, 20, seed=5, dtype=torch.float64)
+    _, a_new = refactorize(b, a)
+    onto_a = a.T @ torch.linalg.solve(a @ a.T, a)  # projector onto the row space of A
+    torch.testing.assert_close(a_new @ onto_a, a_new, atol=1e-12, rtol=0)
+    cosines = torch.linalg.svdvals(torch.linalg.qr(a.T)[0].T @ a_new.T)
+    torch.testing.assert_close(cosines, torch.ones(4, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
 def test_qr_route_equals_the_full_svd_route():
     b, a = factors(30, 5, 17, seed=3, dtype=torch.float64)
     b_qr, a_qr = refactorize(b, a)

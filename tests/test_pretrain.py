@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,3 +164,69 @@ def test_local_hf_model_and_its_tokenizer_load_offline(local_model, jsonl):
 def test_bad_local_model_directory(tmp_path, jsonl):
     with pytest.raises(ConfigError, match="save_pretrained"):
         build_task(scenario({"path": str(jsonl)}, model={"name": "hf", "path": str(tmp_path)}))
+
+
+# -- a classifier's warm start on the public part of a public_split dataset ----------------------
+
+
+def split_scenario(seed=0, **data):
+    return parse_scenario(
+        {
+            "name": "split",
+            "data": {"name": "public_split", "public_classes": [0, 1, 2], **data},
+            "partition": {"name": "iid", "num_clients": 3},
+            "model": {"name": "mlp", "hidden": [16]},
+            "client": {"name": "sgd", "steps": 1},
+            "strategy": {"name": "fedavg"},
+            "run": {"rounds": 1, "seed": seed},
+            "pretrain": {"steps": 60, "batch_size": 32, "lr": 0.01},
+        }
+    )
+
+
+def rows(dataset):
+    return {r.tobytes() for r in dataset.x}
+
+
+def test_public_split_holds_a_fixed_share_of_the_public_classes_apart():
+    from sklearn.datasets import load_digits
+
+    from fedopt.data import data_params, load_task_data
+
+    counts = np.bincount(load_digits().target)  # 178, 182, 177, ...: 1797 distinct images
+    loaded = []
+    for seed in (0, 5):
+        s = split_scenario(seed)
+        loaded.append(load_task_data("public_split", data_params(s), test_fraction=0.2, seed=seed))
+    first, second = loaded
+    for d in loaded:
+        assert len(d.public) + len(d.train) + len(d.test) == 1797
+        assert not rows(d.public) & (rows(d.train) | rows(d.test))
+        public = np.bincount(d.public.y, minlength=10)
+        np.testing.assert_array_equal(public[:3], [round(0.5 * c) for c in counts[:3]])
+        assert public[3:].sum() == 0 and d.train.num_classes == d.public.num_classes == 10
+    np.testing.assert_array_equal(first.public.x, second.public.x)  # the run's seed: only the test
+    assert rows(first.test) != rows(second.test)
+    with pytest.raises(ConfigError, match="data.public_classes.*0..9"):
+        params = data_params(split_scenario(public_classes=[10]))
+        load_task_data("public_split", params, test_fraction=0.2, seed=0)
+    with pytest.raises(ConfigError, match="data.public_fraction"):
+        split_scenario(public_fraction=1.0)
+
+
+def test_a_classifier_pretrains_on_the_public_part_and_loads_whole(cache):
+    s = split_scenario()
+    ws = warm_start(s)
+    m = ws.meta["metrics"]
+    assert m["public_sequences"] == sum(round(0.5 * c) for c in (178, 182, 177))
+    assert m["test_accuracy_after"] > m["test_accuracy_before"] + 0.1
+    assert warm_start_key(split_scenario(seed=4)) == ws.key  # one checkpoint for every seed
+    assert warm_start_key(split_scenario(public_seed=1)) != ws.key
+    task = build_task(s)
+    model = task.new_model()
+    state = torch.load(ws.path, weights_only=True)
+    assert set(model.state_dict()) == set(state)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    reseeded = build_task(split_scenario(seed=4)).new_model().state_dict()
+    assert all(torch.equal(reseeded[k], v) for k, v in state.items())

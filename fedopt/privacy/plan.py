@@ -10,18 +10,32 @@ its ε with Opacus or dp-accounting.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from flwr.app import ConfigRecord
 
+from fedopt.errors import ConfigError
 from fedopt.params import check
 from fedopt.privacy.accountants import Accountant, check_accountant_name, make_accountant
 from fedopt.privacy.secrecy import check_noise_mode
 from fedopt.training import LocalTrainConfig
 
-__all__ = ["DPSGDParams", "Ledger", "local_plan", "planned_participations", "sigma_request"]
+__all__ = [
+    "EXPECTED",
+    "DPSGDParams",
+    "Ledger",
+    "expected_participations",
+    "local_plan",
+    "planned_participations",
+    "resolve_participations",
+    "sigma_request",
+]
+
+#: ``max_participations = "expected"``: plan for a client's expected share of the rounds.
+EXPECTED = "expected"
 
 
 @dataclass(frozen=True)
@@ -49,10 +63,16 @@ class DPSGDParams(LocalTrainConfig):
         that used one); summary.json records it. Off by default.
     accountant : str
         A registered accountant (``rdp``, ``prv``, ``gdp``, ``pld``).
-    max_participations : int or None
+    max_participations : int, "expected" or None
         The plan: rounds a client may train in (default: every round, the
         worst case of ``run.rounds``). Calibration assumes this many
-        participations of the local steps each.
+        participations of the local steps each. ``"expected"`` plans, as
+        FedSVD's code does, for a client's expected participations under
+        uniform client sampling, ceil(rounds · m / N) with m =
+        ``run.clients_per_round`` and N = ``partition.num_clients``
+        (:func:`expected_participations`). Either way the guarantee stays
+        honest: a client whose next round would pass ``target_epsilon`` (the
+        budget this plan spends) does not train.
     max_physical_batch_size : int or None
         Split each Poisson batch into physical batches of at most this size
         (Opacus's ``BatchMemoryManager``); one logical step still counts once.
@@ -82,7 +102,7 @@ class DPSGDParams(LocalTrainConfig):
     delta: float = 1e-5
     allow_large_delta: bool = False
     accountant: str = "rdp"
-    max_participations: int | None = None
+    max_participations: int | Literal["expected"] | None = None
     max_physical_batch_size: int | None = None
     fix_model: bool = False
     non_private: bool = False
@@ -115,9 +135,20 @@ class DPSGDParams(LocalTrainConfig):
         check_accountant_name(self.accountant)
         check_noise_mode(self.noise)
         mp = self.max_participations
-        check(mp is None or mp >= 1, "max_participations", mp, "an integer >= 1 or omitted")
+        check(
+            mp is None or mp == EXPECTED or (isinstance(mp, int) and mp >= 1),
+            "max_participations",
+            mp,
+            f"an integer >= 1, {EXPECTED!r} or omitted",
+        )
         pb = self.max_physical_batch_size
         check(pb is None or pb >= 1, "max_physical_batch_size", pb, "an integer >= 1 or omitted")
+        check(
+            self.lr_schedule == "constant",
+            "lr_schedule",
+            self.lr_schedule,
+            "'constant' for DP-SGD clients (their Opacus optimizer steps at one rate)",
+        )
         if self.non_private:
             check(not sigma, "noise_multiplier", sigma, "omitted or 0 when non_private = true")
             return
@@ -162,28 +193,97 @@ def local_plan(params: DPSGDParams, num_examples: int) -> tuple[float, int]:
     return 1.0 / per_pass, int(tau)
 
 
-def planned_participations(params: DPSGDParams, rounds: int) -> int:
-    """The participations calibration plans for: the cap, or every round."""
-    return min(params.max_participations or rounds, rounds)
+def expected_participations(*, rounds: int, clients_per_round: int, num_clients: int) -> int:
+    """ceil(rounds · m / N): a client's expected rounds when m of N clients are drawn uniformly.
+
+    Integer arithmetic, so e.g. 20 rounds of 3 of 6 clients give exactly 10.
+    """
+    check(num_clients >= 1, "partition.num_clients", num_clients, "an integer >= 1")
+    check(
+        1 <= clients_per_round <= num_clients,
+        "run.clients_per_round",
+        clients_per_round,
+        f"an integer in 1..{num_clients}",
+    )
+    return -(-rounds * clients_per_round // num_clients)
+
+
+def planned_participations(
+    params: DPSGDParams,
+    rounds: int,
+    *,
+    clients_per_round: int | None = None,
+    num_clients: int | None = None,
+) -> int:
+    """The participations calibration plans for: the cap, the expected count, or every round.
+
+    Raises
+    ------
+    ConfigError
+        Under ``client.max_participations`` for ``"expected"`` when the caller
+        does not pass ``clients_per_round`` and ``num_clients``.
+    """
+    cap = params.max_participations
+    if cap == EXPECTED:
+        if clients_per_round is None or num_clients is None:
+            raise ConfigError(
+                "client.max_participations",
+                cap,
+                "an integer here: resolving 'expected' needs run.clients_per_round and "
+                "partition.num_clients, which this caller does not pass",
+            )
+        cap = expected_participations(
+            rounds=rounds, clients_per_round=clients_per_round, num_clients=num_clients
+        )
+    return min(cap or rounds, rounds)
 
 
 def sigma_request(
-    params: DPSGDParams, *, sample_rate: float, local_steps: int, rounds: int
+    params: DPSGDParams,
+    *,
+    sample_rate: float,
+    local_steps: int,
+    rounds: int,
+    clients_per_round: int | None = None,
+    num_clients: int | None = None,
 ) -> dict[str, Any]:
     """What σ is calibrated for: the keyword arguments of ``calibrate_noise``.
 
     One client's plan (rate q, τ local steps) over its planned participations
-    of ``rounds``; the client calibrates with it and the pre-run check asks
-    the same question, so both always agree.
+    of ``rounds`` (:func:`planned_participations`; ``clients_per_round`` and
+    ``num_clients`` resolve ``max_participations = "expected"``); the client
+    calibrates with it and the pre-run check asks the same question, so both
+    always agree.
     """
+    planned = planned_participations(
+        params, rounds, clients_per_round=clients_per_round, num_clients=num_clients
+    )
     return {
         "target_epsilon": float(params.target_epsilon),
         "delta": params.delta,
         "sample_rate": sample_rate,
-        "steps": planned_participations(params, rounds) * local_steps,
+        "steps": planned * local_steps,
         "accountant": params.accountant,
         "key": "client.target_epsilon",
     }
+
+
+def resolve_participations(params: DPSGDParams, scenario: Any) -> DPSGDParams:
+    """``params`` with ``max_participations = "expected"`` replaced by its count for ``scenario``.
+
+    Other values come back unchanged; the count is
+    :func:`expected_participations` of the scenario's rounds, clients per
+    round and clients (at most the rounds).
+    """
+    if params.max_participations != EXPECTED:
+        return params
+    count = planned_participations(
+        params,
+        scenario.run.rounds,
+        clients_per_round=scenario.clients_per_round,
+        num_clients=scenario.partition.num_clients,
+    )
+    return dataclasses.replace(params, max_participations=count)
 
 
 class Ledger:

@@ -17,7 +17,9 @@ that is not ``non_private``:
   ``client.allow_large_delta`` is set (then the facts say so);
 - with σ to calibrate: the target is reachable for every distinct client plan
   (q, τ) as the client will calibrate it (``planned_participations × τ``
-  steps), decided by one ε per plan (:func:`~fedopt.privacy.calibration.check_reachable`);
+  steps, ``max_participations = "expected"`` resolved from the scenario's
+  rounds, clients per round and clients exactly as the client resolves it),
+  decided by one ε per plan (:func:`~fedopt.privacy.calibration.check_reachable`);
 - with σ given and a target (a cap): at least one client fits one round under
   the cap (otherwise no client can ever train).
 """
@@ -118,11 +120,13 @@ def check_sample_level(task: Task) -> dict[str, Any] | None:
     plans: dict[tuple[float, int], tuple[int, int]] = {}
     for n, cid in sorted(sizes):
         plans.setdefault(local_plan(p, n), (cid, n))
-    rounds = planned_participations(p, task.scenario.run.rounds)
+    s = task.scenario
+    counts = {"clients_per_round": s.clients_per_round, "num_clients": s.partition.num_clients}
+    rounds = planned_participations(p, s.run.rounds, **counts)
     if p.noise_multiplier is None:
         for (q, tau), (cid, n) in plans.items():
             check_reachable(
-                **sigma_request(p, sample_rate=q, local_steps=tau, rounds=task.scenario.run.rounds),
+                **sigma_request(p, sample_rate=q, local_steps=tau, rounds=s.run.rounds, **counts),
                 where=f"client {cid} (n_k = {n}, {rounds} rounds x {tau} steps)",
             )
     elif p.target_epsilon is not None:
