@@ -85,6 +85,14 @@ def _commit() -> str:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies inside it (no machine paths)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def section_of(result: SweepReport, *, quick: bool, folder: Path) -> Section:
     """``result`` as a stored section; its plot is copied into ``folder``."""
     plot = ""
@@ -97,7 +105,7 @@ def section_of(result: SweepReport, *, quick: bool, folder: Path) -> Section:
         paper=result.sweep.paper,
         seeds=tuple(result.sweep.seeds),
         quick=quick,
-        out_dir=str(result.out_dir),
+        out_dir=_shown(result.out_dir),
         wall_s=float(result.wall_s),
         table=result.table,
         tuning=result.tuning,
@@ -153,6 +161,11 @@ def render(
         f"**{held} of {judged} sweeps: every claim holds.**",
         "",
     ]
+    rows = [(s.name, sum(h for _, h, _ in s.verdicts), len(s.verdicts)) for s in sections]
+    if rows:
+        per = ", ".join(f"{name} {k}/{n}" for name, k, n in rows)
+        total = sum(k for _, k, _ in rows), sum(n for *_, n in rows)
+        lines += [f"Claim rows that hold: {total[0]} of {total[1]} ({per}).", ""]
     if stale:
         lines += [
             f"Stale (the sweep changed since it was measured): {', '.join(sorted(stale))}.",

@@ -61,6 +61,7 @@ def _section(name: str, holds: tuple[bool, ...], **kw) -> Section:
 def test_render_counts_sweeps_whose_claims_all_hold_and_diagnoses_the_rest():
     text = render([_section("a", (True, True)), _section("b", (True, False))], quick=False)
     assert "**1 of 2 sweeps: every claim holds.**" in text
+    assert "Claim rows that hold: 3 of 4 (a 2/2, b 1/2)." in text
     assert text.count("**does not hold**") == 2  # summary row and section line
     assert text.count("| diag |") == 1  # only the failing sweep is diagnosed
     assert "2.0 minutes" in text and "full tier" in text
