@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from fedopt.compare import Sweep
     from fedopt.reproduce import SweepReport
 
-__all__ = ["Section", "load_sections", "render", "section_of", "sweep_digest"]
+__all__ = ["Section", "load_sections", "render", "section_of", "source_commit", "sweep_digest"]
 
 
 def sweep_digest(sweep: Sweep) -> str:
@@ -66,7 +66,12 @@ class Section:
         return cls(**data)
 
 
-def _commit() -> str:
+def source_commit() -> str:
+    """The checkout's commit (``+dirty`` with uncommitted changes); "" outside git.
+
+    :func:`~fedopt.reproduce.reproduce` reads it once, before it writes the
+    report (which is tracked), so its own output never marks a run dirty.
+    """
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(
@@ -93,8 +98,8 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def section_of(result: SweepReport, *, quick: bool, folder: Path) -> Section:
-    """``result`` as a stored section; its plot is copied into ``folder``."""
+def section_of(result: SweepReport, *, quick: bool, folder: Path, commit: str) -> Section:
+    """``result`` as a stored section measured at ``commit``; its plot is copied into ``folder``."""
     plot = ""
     if result.plot is not None and result.plot.exists():
         folder.mkdir(parents=True, exist_ok=True)
@@ -114,7 +119,7 @@ def section_of(result: SweepReport, *, quick: bool, folder: Path) -> Section:
         verdicts=tuple((v.claim.claim, bool(v.holds), v.detail) for v in result.verdicts),
         digest=sweep_digest(result.sweep),
         measured=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        commit=_commit(),
+        commit=commit,
     )
 
 

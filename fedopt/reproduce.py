@@ -28,7 +28,13 @@ from fedopt.claims import Verdict, cell_metric, judge
 from fedopt.compare import Sweep, load_sweep, run_sweep
 from fedopt.errors import ConfigError
 from fedopt.report import write_json_atomic, write_text_atomic
-from fedopt.repro_report import load_sections, render, section_of, sweep_digest
+from fedopt.repro_report import (
+    load_sections,
+    render,
+    section_of,
+    source_commit,
+    sweep_digest,
+)
 from fedopt.tables import CellResult
 
 __all__ = ["PAPERS_DIR", "SweepReport", "find_sweeps", "judge_sweep", "rebuild", "reproduce"]
@@ -135,6 +141,7 @@ def reproduce(
     """
     sweeps = [load_sweep(p, quick=quick) for p in paths]
     current = _current(Path(paths[0]).parent, quick) if report is not None and paths else {}
+    commit = source_commit()  # before anything is written: the report is a tracked file
     out_reports = []
     for sweep in sweeps:
         cells: list[CellResult] = []
@@ -159,7 +166,7 @@ def reproduce(
             on_sweep(result)
         if report is not None:  # rebuilt after every sweep: an interrupted suite keeps its part
             folder = report.parent / report.stem
-            section = section_of(result, quick=quick, folder=folder)
+            section = section_of(result, quick=quick, folder=folder, commit=commit)
             write_json_atomic(folder / f"{section.name}.json", asdict(section))
             stored = load_sections(folder, quick=quick)
             kept = [stored[name] for name in sorted(current) if name in stored]
