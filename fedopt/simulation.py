@@ -31,7 +31,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedopt import engine, ray_backend
+from fedopt import engine, ray_backend, watchdog
 from fedopt.checkpoint import Checkpoint, StopRequest, latest_checkpoint, stop_on_signals
 from fedopt.clientapp import make_client_app
 from fedopt.config import Scenario, load_scenario
@@ -415,6 +415,8 @@ def run_batch(
         saved_env = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         ray_backend.install()  # replace Ray workers that die instead of reusing them
+        if not scenarios[0].run.ray_address:  # a local Ray: none of it may outlive us
+            watchdog.ensure()
         engine.install()  # event-driven dispatch instead of 0.1 s polling sweeps
         try:
             with quiet_engine(Path(run_dirs[0]) / "engine.log"), stop_on_signals(stop):
