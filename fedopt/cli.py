@@ -268,6 +268,23 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    from fedopt.model_out import load_model
+    from fedopt.task import as_tensors
+    from fedopt.training import evaluate
+
+    model, task, payload = load_model(args.run_dir, args.which, args.set)
+    x, y = as_tensors(task.data.test, next(model.parameters()).device)
+    res = evaluate(model, x, y)
+    data = task.scenario.data
+    console.print(
+        f"{args.which} model (round {payload['round']}) on the test set of {data.name} "
+        f"({len(y)} examples): accuracy {res.accuracy:.4f}, loss {res.loss:.4f}",
+        soft_wrap=True,
+    )
+    return 0
+
+
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
     from fedopt import registry
 
@@ -385,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--out", default="runs")
     rp.set_defaults(fn=cmd_reproduce)
+
+    ev = sub.add_parser(
+        "eval",
+        help="score a finished run's model on its test set (or, with --set data.*, another)",
+    )
+    ev.add_argument("run_dir")
+    ev.add_argument("--which", default="final", choices=["final", "best"])
+    ev.add_argument("--set", **sets)
+    ev.set_defaults(fn=cmd_eval)
 
     pa = sub.add_parser("partitions", help="print per-client sizes and labels; write a heatmap")
     pa.add_argument("scenario")

@@ -143,6 +143,7 @@ class RoundDriver:
         self.layout = pack_plan(s, num_clients=task.num_clients)
         self.transport: Transport | None = None
         self.checkpointer: Checkpointer | None = None
+        self.last_eval: tuple[float, ArrayRecord] | None = None
         self.restored: dict[str, Any] | None = None
         self.noise_key: NoiseKey | None = None
         self.loop: dict[str, Any] = {}
@@ -358,6 +359,7 @@ class RoundDriver:
         """The global model on the server's held-out test set."""
         load_weights_(self.model, arrays.to_torch_state_dict())
         res = evaluate(self.model, *self.test)
+        self.last_eval = (res.accuracy, arrays)  # the weights behind the row's accuracy
         row: Row = {"central_loss": res.loss, "central_accuracy": res.accuracy}
         if self.per_token:
             row["central_perplexity"] = perplexity(res.loss)

@@ -43,6 +43,7 @@ from fedopt.errors import (
     StorageError,
     is_storage_fault,
 )
+from fedopt.model_out import MODEL_FINAL, BestModel, save_model
 from fedopt.privacy.secrecy import NoiseKey, wants_secret
 from fedopt.ray_address import check_reachable
 from fedopt.registry import STRATEGIES
@@ -70,6 +71,12 @@ class RunResult:
     def final_accuracy(self) -> float | None:
         """The last measured accuracy (central when available, else federated)."""
         return self.summary.get("final_accuracy")
+
+    def model(self, which: str = "final") -> torch.nn.Module:
+        """The run's trained model, rebuilt and loaded: ``final`` or ``best`` (central accuracy)."""
+        from fedopt.model_out import load_model
+
+        return load_model(self.run_dir, which)[0]
 
     def __repr__(self) -> str:  # the rows are many; say how many, not what
         status = self.summary.get("status", "?")
@@ -156,11 +163,15 @@ def execute_run(
     pending: BaseException | None = None  # the error stopping the run, if one is
     t0 = time.perf_counter()
     driver: RoundDriver | None = None
+    best = BestModel(run_dir, task.scenario, rows)
     with MetricsLog(run_dir / "metrics.jsonl") as mlog:
 
         def emit(row: Row) -> None:
             mlog.append(row)
             rows.append(row)
+            seen = driver.last_eval if driver is not None else None
+            if seen is not None and seen[0] == row.get("central_accuracy"):
+                best.offer(row, seen[1].to_torch_state_dict())
             if on_row is not None:
                 on_row(row)
             run = task.scenario.run  # a blown-up loss stops the run, its rows kept
@@ -173,7 +184,15 @@ def execute_run(
             driver.checkpointer = Checkpointer(run_dir, rows, stop=stop)
             driver.restored = restore.payload if restore is not None else None
             driver.bind_noise_key(noise_key)
-            driver.run(grid)
+            final = driver.run(grid)
+            last = rows[-1] if rows else {}
+            save_model(
+                run_dir / MODEL_FINAL,
+                final.to_torch_state_dict(),
+                scenario=task.scenario,
+                round_=int(last.get("round", 0)),
+                accuracy=last.get("central_accuracy"),
+            )
         except RunInterrupted as err:
             status = f"interrupted: {err}"
             pending = err
