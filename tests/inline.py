@@ -176,3 +176,16 @@ def method_raw(base, kind, name):
     if getattr(STRATEGIES.get(strategy).obj, "driver", None):
         raw["run"] = {k: v for k, v in base["run"].items() if k != "clients_per_round"}
     return raw
+
+
+def execute_inline(scenario, run_dir, *, noise_key=None):
+    """``simulation.execute_run`` of ``scenario`` into ``run_dir`` on an InlineGrid (no Ray)."""
+    from fedopt.clientapp import make_client_app
+    from fedopt.simulation import execute_run
+    from fedopt.task import build_task
+
+    task = build_task(scenario)
+    raw = scenario.to_dict()
+    _, keys = noise_keys_for(scenario, noise_key)
+    grid = InlineGrid(make_client_app(lambda ctx: {"": raw}, noise_keys=keys), task.num_clients)
+    return execute_run(grid, task, run_dir)

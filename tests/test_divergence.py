@@ -6,13 +6,11 @@ import json
 import math
 
 import pytest
-from inline import InlineGrid, noise_keys_for
+from inline import execute_inline
 
 from fedopt.config import load_scenario
 from fedopt.divergence import check_blowup
 from fedopt.errors import ConfigError, DivergenceError
-from fedopt.simulation import execute_run
-from fedopt.task import build_task
 
 QUICK = "scenarios/quickstart.toml"
 
@@ -60,15 +58,8 @@ def test_bad_rule_settings_are_named():
         load_scenario(QUICK, ["run.diverge_rounds=0"])
 
 
-def _execute(tmp_path, sets):
-    scenario = load_scenario(QUICK, sets)
-    task = build_task(scenario)
-    raw = scenario.to_dict()
-    from fedopt.clientapp import make_client_app
-
-    _, keys = noise_keys_for(scenario)
-    grid = InlineGrid(make_client_app(lambda ctx: {"": raw}, noise_keys=keys), task.num_clients)
-    return execute_run(grid, task, tmp_path)
+def _execute(run_dir, sets):
+    return execute_inline(load_scenario(QUICK, sets), run_dir)
 
 
 def test_a_huge_rate_that_never_goes_non_finite_is_stopped_with_its_rows(tmp_path):

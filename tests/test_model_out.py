@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from inline import InlineGrid, noise_keys_for
+from inline import execute_inline
 
 from fedopt.cli import main
-from fedopt.clientapp import make_client_app
 from fedopt.config import load_scenario
 from fedopt.errors import ConfigError
 from fedopt.model_out import MODEL_BEST, MODEL_FINAL, load_model
-from fedopt.simulation import execute_run, load_result
+from fedopt.simulation import load_result
 from fedopt.task import as_tensors, build_task
 from fedopt.training import evaluate
 
@@ -20,12 +19,7 @@ QUICK = "scenarios/quickstart.toml"
 
 
 def _run(run_dir, sets):
-    scenario = load_scenario(QUICK, sets)
-    task = build_task(scenario)
-    raw = scenario.to_dict()
-    _, keys = noise_keys_for(scenario)
-    grid = InlineGrid(make_client_app(lambda ctx: {"": raw}, noise_keys=keys), task.num_clients)
-    execute_run(grid, task, run_dir)
+    execute_inline(load_scenario(QUICK, sets), run_dir)
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -7,25 +7,18 @@ import json
 import pickle
 
 import pytest
-from inline import InlineGrid, noise_keys_for
+from inline import execute_inline
 
 from fedopt import report, simulation
-from fedopt.clientapp import make_client_app
 from fedopt.config import load_scenario
 from fedopt.errors import StorageError, is_storage_fault
-from fedopt.task import build_task
 
 QUICK = "scenarios/quickstart.toml"
 SETS = ["run.rounds=5", "run.fed_eval_every=0", "run.checkpoint_every=1"]
 
 
 def _execute(run_dir):
-    scenario = load_scenario(QUICK, SETS)
-    task = build_task(scenario)
-    raw = scenario.to_dict()
-    _, keys = noise_keys_for(scenario)
-    grid = InlineGrid(make_client_app(lambda ctx: {"": raw}, noise_keys=keys), task.num_clients)
-    return simulation.execute_run(grid, task, run_dir)
+    return execute_inline(load_scenario(QUICK, SETS), run_dir)
 
 
 def _full_after(monkeypatch, writes: int) -> None:
