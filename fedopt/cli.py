@@ -63,6 +63,44 @@ def _progress(console: Console, total: int) -> tuple[Progress, Any]:
     return bar, on_row
 
 
+class _Display:
+    """What start-up is doing (a status line) until the first row, then the round bar.
+
+    Nothing is drawn before the first status, so a run refused while it is
+    validated stays the one line of its error.
+    """
+
+    def __init__(self, console: Console, total: int) -> None:
+        self.bar, self._row = _progress(console, total)
+        self._status = console.status("starting", spinner="dots")
+        self._spinning = False
+
+    def status(self, text: str) -> None:
+        if self.bar.live.is_started:
+            return
+        self._status.update(f"[bold]{escape(text)}")
+        if not self._spinning:
+            self._status.start()
+            self._spinning = True
+
+    def row(self, row: dict[str, Any]) -> None:
+        if row.get("round") == 0 and not self.bar.live.is_started:  # the untrained model
+            self.status("round 1: client workers starting (each imports torch, builds its task)")
+            return
+        self._stop_status()
+        self._row(row)
+
+    def _stop_status(self) -> None:
+        if self._spinning:
+            self._status.stop()
+            self._spinning = False
+
+    def stop(self) -> None:
+        self._stop_status()
+        if self.bar.live.is_started:
+            self.bar.stop()
+
+
 def _advance(bar: Progress, task: Any, step: int, _total: int) -> None:
     bar.update(task, completed=step)
 
@@ -115,12 +153,17 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
     scenario = load_scenario(args.scenario, args.set)
     _warm([scenario], console)
-    bar, on_row = _progress(console, scenario.run.rounds)
+    display = _Display(console, scenario.run.rounds)
     try:
-        result = run(scenario, out=args.out, ray_address=args.ray_address, on_row=on_row)
+        result = run(
+            scenario,
+            out=args.out,
+            ray_address=args.ray_address,
+            on_row=display.row,
+            on_status=display.status,
+        )
     finally:
-        if bar.live.is_started:
-            bar.stop()
+        display.stop()
     _print_result(result, console)
     return 0
 

@@ -354,6 +354,7 @@ def run_batch(
     restore: Sequence[Checkpoint | None] | None = None,
     on_diverged: Callable[[int, DivergenceError], None] | None = None,
     before: Sequence[Callable[[], None] | None] | None = None,
+    on_status: Callable[[str], None] | None = None,
 ) -> list[RunResult]:
     """Run several scenarios one after another in ONE Flower simulation (one Ray start-up).
 
@@ -369,6 +370,7 @@ def run_batch(
     it, the divergence stops the batch. ``before`` gives a run a hook that runs
     once the engine is up, instead of writing its ``scenario.toml`` up front
     (a resume writes its scenario, record and cut metrics there).
+    ``on_status`` hears what start-up is doing until the first round runs.
     Ctrl-C or SIGTERM stops the run in progress after its round with a
     checkpoint (:class:`~fedopt.errors.RunInterrupted`); a second one stops at once.
     """
@@ -397,11 +399,13 @@ def run_batch(
             if (nk := run_noise_key(sc, ckpt)) is not None
         }
         stop = StopRequest()
+        say = on_status or (lambda text: None)
 
         server_app = ServerApp()
 
         @server_app.main()
         def main(grid: Grid, context: Context) -> None:
+            say("federation up: sending the first round to the clients")
             for i, (task, run_dir, key) in enumerate(zip(tasks, run_dirs, keys, strict=True)):
                 row_cb = (lambda row, i=i: on_row(i, row)) if on_row is not None else None
                 try:
@@ -438,14 +442,16 @@ def run_batch(
             watchdog.ensure()
         engine.install()  # event-driven dispatch instead of 0.1 s polling sweeps
         try:
+            nodes = max(
+                pack_plan(sc, num_clients=t.num_clients).nodes
+                for sc, t in zip(scenarios, tasks, strict=True)
+            )
+            say(f"starting the federation: Ray and {nodes} Flower nodes (workers import torch)")
             with quiet_engine(Path(run_dirs[0]) / "engine.log"), stop_on_signals(stop):
                 run_simulation(
                     server_app=server_app,
                     client_app=client_app,
-                    num_supernodes=max(
-                        pack_plan(sc, num_clients=t.num_clients).nodes
-                        for sc, t in zip(scenarios, tasks, strict=True)
-                    ),
+                    num_supernodes=nodes,
                     backend_name="ray",
                     backend_config=backend_config(scenarios[0]),
                 )
@@ -468,6 +474,7 @@ def run(
     run_dir: Path | None = None,
     ray_address: str | None = None,
     on_row: Callable[[Row], None] | None = None,
+    on_status: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Run a scenario on Flower's simulation engine (Ray backend) and return its results.
 
@@ -485,13 +492,17 @@ def run(
         Join an existing Ray cluster instead of starting a local one.
     on_row : callable, optional
         Called with each metrics row as its round ends (progress display).
+    on_status : callable, optional
+        Called with a line saying what start-up is doing (task, Ray, first round).
     """
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario, sets)
     if ray_address:
         scenario = scenario.replace(**{"run.ray_address": ray_address})
     _check_resources([scenario])
+    if on_status is not None:
+        on_status("building the task: data, partition, model")
     task = build_task(scenario)
     run_dir = Path(run_dir) if run_dir is not None else make_run_dir(Path(out), scenario.name)
     cb = (lambda i, row: on_row(row)) if on_row is not None else None
-    return run_batch([scenario], [run_dir], on_row=cb, tasks=[task])[0]
+    return run_batch([scenario], [run_dir], on_row=cb, tasks=[task], on_status=on_status)[0]
