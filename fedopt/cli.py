@@ -39,7 +39,7 @@ def _progress(console: Console, total: int) -> tuple[Progress, Any]:
         TextColumn("[bold]round"),
         MofNCompleteColumn(),
         BarColumn(),
-        TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}"),
+        TextColumn("train loss {task.fields[loss]}  test acc {task.fields[acc]}"),
         TextColumn("sim {task.fields[sim]}  {task.fields[mb]} MB"),
         TimeElapsedColumn(),
         console=console,
