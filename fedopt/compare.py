@@ -361,9 +361,55 @@ def run_sweep(
     paths = write_compare(
         ordered, out_dir, target=sweep.target, title=sweep.name, columns=sweep.columns
     )
+    paths["plots"] = [*paths["plots"], *_across(sweep, ordered, out_dir)]
     if chosen is not None:
         paths["tuning"] = out_dir / "tuning.md"
     return out_dir, paths
+
+
+def swept_axis(sweep: Sweep) -> tuple[str, dict[str, float]] | None:
+    """The one numeric scenario key the settings vary, with each setting's value, if there is one.
+
+    ``partition.alpha`` across ``alpha=0.05`` / ``0.5`` / ``100`` settings, say;
+    None when no key or more than one key varies numerically.
+    """
+    from fedopt.resume import flatten
+
+    if len(sweep.settings) < 2:
+        return None
+    flat = [flatten(s.overrides) for s in sweep.settings]
+    keys = set().union(*flat)
+    varying = []
+    for key in sorted(keys):
+        got = [f.get(key) for f in flat]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in got)
+        if numeric and len(set(got)) > 1:
+            varying.append(key)
+    if len(varying) != 1:
+        return None
+    key = varying[0]
+    return key, {s.label: float(f[key]) for s, f in zip(sweep.settings, flat, strict=True)}
+
+
+def _across(sweep: Sweep, cells: Sequence[CellResult], out_dir: Path) -> list[Path]:
+    """Final (and worst-10%) accuracy against the swept setting value, one line per strategy."""
+    from fedopt.claims import cell_metric
+    from fedopt.plots import plot_across
+
+    axis = swept_axis(sweep)
+    if axis is None:
+        return []
+    key, at = axis
+    written = []
+    for metric in ("final_accuracy", "fed_accuracy_worst10"):
+        values: dict[str, dict[float, list[float]]] = {}
+        for c in cells:
+            got = cell_metric(c.rows, c.summary, metric, target=sweep.target)
+            if got is not None:
+                values.setdefault(c.strategy, {}).setdefault(at[c.setting], []).append(got)
+        if values:
+            written.append(plot_across(values, out_dir, title=sweep.name, key=key, metric=metric))
+    return written
 
 
 def _address(scenarios: list[Scenario], ray_address: str | None) -> list[Scenario]:

@@ -245,3 +245,32 @@ def plot_compare(
             if path is not None:
                 written.append(path)
     return written
+
+
+def plot_across(
+    values: Mapping[str, Mapping[float, Sequence[float]]],
+    out_dir: Path,
+    *,
+    title: str,
+    key: str,
+    metric: str,
+) -> Path:
+    """One line per strategy of ``metric`` against the swept ``key``: mean over seeds ± std.
+
+    ``values[strategy][x]`` holds the per-seed values at setting value ``x``.
+    The x axis is logarithmic when the values are positive and span a decade
+    or more (Dirichlet α from 0.05 to 0.9 or 100). Writes
+    ``compare_<metric>_vs_<key>.png``.
+    """
+    xs_all = sorted({x for by_x in values.values() for x in by_x})
+    fig, ax = _figure(title, key, metric.replace("_", " "))
+    if xs_all and xs_all[0] > 0 and xs_all[-1] / xs_all[0] >= 10:
+        ax.set_xscale("log")
+    for strategy, by_x in values.items():
+        xs = sorted(by_x)
+        mean = np.array([np.mean(by_x[x]) for x in xs])
+        std = np.array([np.std(by_x[x]) for x in xs])
+        ax.plot(xs, mean, marker="o", label=strategy)
+        ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return _save(fig, ax, Path(out_dir) / f"compare_{slug(metric)}_vs_{slug(key)}.png")

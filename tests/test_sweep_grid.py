@@ -100,3 +100,28 @@ def test_sweep_level_sets_change_the_sweep_and_the_rest_the_scenario(tmp_path):
     assert raw == {"seeds": [1]} and rest == ["client.lr=0.2"]
     with pytest.raises(ConfigError, match="seeds"):
         load_sweep(path, ["seeds=[1, 1]"])
+
+
+def test_the_swept_axis_is_the_one_numeric_key_the_settings_vary(tmp_path):
+    from fedopt.compare import swept_axis
+
+    path = tmp_path / "g.toml"
+    path.write_text(SWEEP)
+    assert swept_axis(load_sweep(path)) is None  # alpha and lr both vary
+    one = load_sweep(path, ['grid."client.lr"=[0.1]'])
+    assert swept_axis(one) == (
+        "partition.alpha",
+        {"alpha=0.05, lr=0.1": 0.05, "alpha=0.5, lr=0.1": 0.5, "alpha=100, lr=0.1": 100.0},
+    )
+
+
+def test_plot_across_writes_one_figure_per_metric(tmp_path):
+    from fedopt.plots import plot_across
+
+    values = {
+        "fedavg": {0.05: [0.5, 0.6], 100.0: [0.9, 0.92]},
+        "fedprox": {0.05: [0.55], 100.0: [0.9]},
+    }
+    path = plot_across(values, tmp_path, title="t", key="partition.alpha", metric="final_accuracy")
+    assert path.name == "compare_final_accuracy_vs_partition.alpha.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
