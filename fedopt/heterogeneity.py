@@ -198,8 +198,8 @@ def client_speeds(name: str, params: Any, *, num_clients: int, seed: int) -> np.
 
 
 def duration_model(params: Any) -> str:
-    """The duration model a speed model's ``params`` choose (``work`` when they have none)."""
-    return str(getattr(params, "duration", "work"))
+    """The duration model a speed model's ``params`` choose (``work`` for params without one)."""
+    return params.duration if isinstance(params, ClockParams) else "work"
 
 
 def availability(num_clients: int, *, probability: float, seed: int, round_: int) -> np.ndarray:

@@ -12,7 +12,7 @@ uninterrupted one does. :func:`load_model` rebuilds either (``fedopt eval``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +64,18 @@ class BestModel:
         seen = [float(r["central_accuracy"]) for r in rows if r.get("central_accuracy") is not None]
         self.best = max((a for a in seen if math.isfinite(a)), default=-math.inf)
 
-    def offer(self, row: Mapping[str, Any], state: Mapping[str, Any] | None) -> bool:
-        """Write ``state`` when ``row``'s central accuracy beats the best; return whether it did."""
+    def offer(self, row: Mapping[str, Any], state: Callable[[], Mapping[str, Any]]) -> bool:
+        """Write ``state()`` when ``row``'s central accuracy beats the best; return whether it did.
+
+        ``state`` is called only then, so an evaluation that is not the best
+        copies no weights.
+        """
         acc = row.get("central_accuracy")
-        if state is None or acc is None or not math.isfinite(float(acc)) or acc <= self.best:
+        if acc is None or not math.isfinite(float(acc)) or acc <= self.best:
             return False
         self.best = float(acc)
         save_model(
-            self.path, state, scenario=self.scenario, round_=int(row["round"]), accuracy=self.best
+            self.path, state(), scenario=self.scenario, round_=int(row["round"]), accuracy=self.best
         )
         return True
 

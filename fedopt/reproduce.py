@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -106,11 +106,15 @@ def diagnose(sweep: Sweep, cells: Sequence[CellResult]) -> str:
     return "\n".join(lines)
 
 
-def _current(folder: Path, quick: bool) -> dict[str, str]:
-    """Every sweep of ``folder`` by name, with the digest of its definition now."""
+def _current(folder: Path, quick: bool, loaded: Mapping[Path, Sweep] | None = None) -> dict:
+    """Every sweep of ``folder`` by name, with the digest of its definition now.
+
+    Sweeps already in ``loaded`` (by path) are not read and validated again.
+    """
+    loaded = loaded or {}
     out = {}
     for p in find_sweeps(folder):
-        sw = load_sweep(p, quick=quick)
+        sw = loaded.get(p) or load_sweep(p, quick=quick)
         out[sw.name] = sweep_digest(sw)
     return out
 
@@ -140,7 +144,10 @@ def reproduce(
     folder of ``paths``), so sweeps not rerun keep their last measurement.
     """
     sweeps = [load_sweep(p, quick=quick) for p in paths]
-    current = _current(Path(paths[0]).parent, quick) if report is not None and paths else {}
+    current = {}
+    if report is not None and paths:
+        loaded = dict(zip(map(Path, paths), sweeps, strict=True))
+        current = _current(Path(paths[0]).parent, quick, loaded)
     commit = source_commit()  # before anything is written: the report is a tracked file
     out_reports = []
     for sweep in sweeps:

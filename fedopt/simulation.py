@@ -171,7 +171,7 @@ def execute_run(
             rows.append(row)
             seen = driver.last_eval if driver is not None else None
             if seen is not None and seen[0] == row.get("central_accuracy"):
-                best.offer(row, seen[1].to_torch_state_dict())
+                best.offer(row, seen[1].to_torch_state_dict)
             if on_row is not None:
                 on_row(row)
             run = task.scenario.run  # a blown-up loss stops the run, its rows kept

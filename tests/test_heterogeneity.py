@@ -223,10 +223,8 @@ def test_clock_state_keeps_the_duration_model():
 
 
 def test_synchronous_rounds_honour_the_speed_duration_model():
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from inline import run_inline
 
     from fedopt.config import read_toml

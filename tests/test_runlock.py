@@ -58,7 +58,7 @@ def _probe(run_dir: Path) -> str:
 def test_a_second_process_is_refused_naming_the_holder_and_sigkill_frees_it(tmp_path, holder):
     with pytest.raises(ConfigError) as info:
         with run_lock(tmp_path):
-            pass
+            raise AssertionError("entered a lock another process holds")
     assert info.value.key == "run_dir"
     assert f"no other fedopt process is writing (PID {holder.pid} holds it)" in str(info.value)
     assert "\n" not in str(info.value)
