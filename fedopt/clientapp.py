@@ -20,7 +20,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedopt import codec, transport
+from fedopt import codec, partial, transport
 from fedopt.client import ClientJob, ClientState
 from fedopt.config import Scenario, parse_scenario
 from fedopt.privacy.secrecy import NoiseKey, wants_secret
@@ -303,7 +303,10 @@ def _pack_mod(holder: _RuntimeHolder) -> Any:
     unaffected. All the clients share the node's ``Context`` (their state is
     kept apart by :class:`~fedopt.client.ClientState`). A pack of ``train``
     messages trains batched when the run asks for it (``run.vectorize``) and
-    its local optimizer can (:meth:`ClientRuntime.train_many`).
+    its local optimizer can (:meth:`ClientRuntime.train_many`). When the
+    server asks (a linear strategy, :mod:`fedopt.partial`), a pack answers
+    with its models summed per sum group, unless a reply carries more than a
+    model and metrics.
     """
 
     def mod(msg: Message, context: Context, call_next: Any) -> Message:
@@ -331,7 +334,11 @@ def _pack_mod(holder: _RuntimeHolder) -> Any:
                 errors[f"c{cid}"] = reply.error.reason
             else:
                 replies[cid] = reply.content
-        out = transport.pack_content(replies)
+        groups = transport.pack_reduce(msg.content)
+        if groups and all(partial.is_plain(r) for r in replies.values()):
+            out = partial.reduced_content(replies, groups=groups)
+        else:
+            out = transport.pack_content(replies)
         out[transport.PACK_ERRORS_KEY] = errors
         return Message(out, reply_to=msg)
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-__all__ = ["decode", "encode", "install", "torch_state"]
+__all__ = ["decode", "encode", "install", "torch_state", "view"]
 
 _NUMPY_STYPE = "numpy.ndarray"
 _original: dict[str, Any] = {}
@@ -92,6 +92,18 @@ def torch_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 def decode(array: Array) -> np.ndarray:
     """``Array.numpy``: a writable array read straight from the bytes when the header is known."""
+    out = _fast_view(array)
+    return _original["decode"](array) if out is None else out.copy()
+
+
+def view(array: Array) -> np.ndarray:
+    """A read-only array over ``array``'s bytes (no copy when the header is known)."""
+    out = _fast_view(array)
+    return array.numpy() if out is None else out
+
+
+def _fast_view(array: Array) -> np.ndarray | None:
+    """The array over the bytes of a ``.npy`` Array whose header is the one ``encode`` writes."""
     if array.stype == _NUMPY_STYPE:
         try:
             dtype = np.dtype(array.dtype)
@@ -104,8 +116,8 @@ def decode(array: Array) -> np.ndarray:
             if data[: len(head)] == head and len(data) == len(head) + dtype.itemsize * int(
                 np.prod(shape, dtype=np.int64)
             ):
-                return np.frombuffer(data, dtype=dtype, offset=len(head)).reshape(shape).copy()
-    return _original["decode"](array)
+                return np.frombuffer(data, dtype=dtype, offset=len(head)).reshape(shape)
+    return None
 
 
 def _numpy(self: Array) -> np.ndarray:

@@ -132,12 +132,21 @@ class RunSection:
     before the engine starts (:mod:`fedopt.ray_address`).
 
     ``pack`` packs virtual clients: ``"on"`` runs the federation on
-    ``pack_nodes`` Flower nodes (default: one per Ray worker), each hosting
-    the clients ``cid % pack_nodes`` and training its selected ones back to
-    back from one message per round; ``"off"`` gives every client its own
-    node and message (per-client fidelity: a dying worker loses one client,
-    not a pack); ``"auto"`` packs when there are more clients than nodes and
-    no worker crashes are injected. Results are identical either way.
+    ``pack_nodes`` Flower nodes (default: one per Ray worker, at most
+    ``sum_groups``), each hosting the clients of whole sum groups (client
+    ``cid`` is in group ``cid % sum_groups``, on node ``group % pack_nodes``)
+    and training its selected ones back to back from one message per round;
+    ``"off"`` gives every client its own node and message (per-client
+    fidelity: a dying worker loses one client, not a pack); ``"auto"`` packs
+    when there are more clients than nodes and no worker crashes are
+    injected. Results are identical either way.
+    ``partial_sums`` (for strategies whose aggregate is the example-weighted
+    mean then a server step: fedavg, fedprox, fedavgm, fedadam, fedyogi,
+    fedadagrad) sends each node's models summed per sum group instead of one
+    model per client, and takes the mean in float64 in a fixed order
+    (:mod:`fedopt.partial`): results do not depend on the number of nodes or
+    workers, and differ from Flower's own float32 aggregation
+    (``partial_sums = false``) by float rounding only.
     ``vectorize`` trains a pack's clients at once (one batched step for all,
     :mod:`fedopt.vectorized`) when the local optimizer can: the same
     arithmetic batched, so results agree to float rounding but not bitwise.
@@ -164,6 +173,8 @@ class RunSection:
     timeout: float = 3600.0
     pack: str = "auto"
     pack_nodes: int | None = None
+    partial_sums: bool = True
+    sum_groups: int = 64
     vectorize: bool = False
     checkpoint_every: int = 10
     diverge_factor: float = 10.0
@@ -189,6 +200,7 @@ class RunSection:
         check(self.pack in PACK_MODES, "pack", self.pack, " | ".join(map(repr, PACK_MODES)))
         pn = self.pack_nodes
         check(pn is None or pn >= 1, "pack_nodes", pn, "an integer >= 1 or omitted")
+        check(self.sum_groups >= 1, "sum_groups", self.sum_groups, "an integer >= 1")
         ce = self.checkpoint_every
         check(ce >= 0, "checkpoint_every", ce, "an integer >= 0 (0: only on a stop signal)")
         df = self.diverge_factor

@@ -22,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedopt import codec, resumable
+from fedopt import codec, partial, resumable
 from fedopt.clientapp import RESERVED_METRICS
 from fedopt.errors import DivergenceError, RunError
 from fedopt.heterogeneity import VirtualClock, availability, client_speeds, duration_model
@@ -218,16 +218,29 @@ class RoundDriver:
         return content
 
     def _exchange(
-        self, grid: Grid, messages: list[Message], cids: list[int], msg_type: str
+        self,
+        grid: Grid,
+        messages: list[Message],
+        cids: list[int],
+        msg_type: str,
+        *,
+        reduce: int = 0,
     ) -> tuple[list[tuple[int, Message]], dict[int, str], dict[int, int], dict[int, int]]:
-        """Address one message per client, send them, and sort the replies by client."""
+        """Address one message per client, send them, and sort the replies by client.
+
+        ``reduce`` > 0: packs answer with group sums (:mod:`fedopt.partial`),
+        left in the transport; their clients' replies carry metrics and size only.
+        """
         by_node = {m.metadata.dst_node_id: m for m in messages}
         contents = {cid: self.client_content(by_node[self.node_of(cid)], cid) for cid in cids}
         down = {cid: self.bytes.content_size(c) for cid, c in contents.items()}
-        replies = self.transport.exchange(contents, msg_type, timeout=self.scenario.run.timeout)
+        replies = self.transport.exchange(
+            contents, msg_type, timeout=self.scenario.run.timeout, reduce=reduce
+        )
         ok, failed, up = [], {}, {}
         for cid, reply in replies.items():
-            up[cid] = self.bytes.reply_size(reply)
+            size = None if reply.has_error() else partial.reported_size(reply.content)
+            up[cid] = self.bytes.reply_size(reply) if size is None else size
             if reply.has_error():
                 failed[cid] = reply.error.reason
             else:
@@ -284,7 +297,10 @@ class RoundDriver:
         messages = list(
             self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid_view)
         )
-        replies, failed, down, up = self._exchange(grid, messages, cids, MessageType.TRAIN)
+        groups = self.sum_groups()
+        replies, failed, down, up = self._exchange(
+            grid, messages, cids, MessageType.TRAIN, reduce=groups
+        )
         if len(replies) < s.run.min_replies:
             raise RunError(
                 f"round {server_round}: {len(replies)} of {len(cids)} clients replied, fewer than "
@@ -294,7 +310,10 @@ class RoundDriver:
         bad = [c for c, m in metrics.items() if not math.isfinite(float(m.get("train_loss", 0.0)))]
         if bad:
             raise DivergenceError(server_round, "training loss", bad)
-        new_arrays, agg = self.strategy.aggregate_train(server_round, [r for _, r in replies])
+        if groups:
+            new_arrays, agg = self.aggregate_sums(server_round, replies, arrays, messages[0])
+        else:
+            new_arrays, agg = self.strategy.aggregate_train(server_round, [r for _, r in replies])
         if new_arrays is None:
             raise RunError(f"round {server_round}: the strategy aggregated nothing")
         new_arrays = cast_like(new_arrays, arrays)
@@ -331,6 +350,33 @@ class RoundDriver:
             for c in cids
         }
         return new_arrays, row
+
+    def sum_groups(self) -> int:
+        """The number of sum groups this run's train replies are reduced to (0: not reduced)."""
+        if self.scenario.run.partial_sums and partial.is_linear(self.strategy):
+            return self.layout.groups
+        return 0
+
+    def aggregate_sums(
+        self,
+        server_round: int,
+        replies: list[tuple[int, Message]],
+        arrays: ArrayRecord,
+        instruction: Message,
+    ) -> tuple[ArrayRecord | None, Any]:
+        """A linear strategy's aggregate from the packs' group sums and the full replies."""
+        try:
+            return partial.aggregate(
+                self.strategy,
+                server_round,
+                replies,
+                self.transport.take_sums(),
+                groups=self.layout.groups,
+                like=arrays,
+                instruction=instruction,
+            )
+        except ValueError as err:
+            raise RunError(f"round {server_round}: {err}") from None
 
     def client_stats(self, metrics: dict[int, Any]) -> Row:
         """Spread of the client metrics the local optimizer asked the server to summarise."""

@@ -9,14 +9,19 @@ moves the messages:
 
 - unpacked, every client has its own node and every client message is one
   Flower message;
-- packed, ``n`` nodes host the clients (``cid % n``); the messages of the
-  clients a node hosts travel as ONE Flower message whose records are
-  deduplicated (the global model that every client receives is carried
-  once), the node trains them back to back (:func:`fedopt.clientapp`'s
-  unpacking mod) and answers once.
+- packed, ``n`` nodes host the clients (client ``cid`` is in sum group
+  ``cid % groups``, on node ``group % n``); the messages of the clients a
+  node hosts travel as ONE Flower message whose records are deduplicated
+  (the global model that every client receives is carried once), the node
+  trains them back to back (:func:`fedopt.clientapp`'s unpacking mod) and
+  answers once: with every client's reply, or, when the server asks for it
+  (a linear strategy, :mod:`fedopt.partial`), with their models summed per
+  sum group beside each client's metrics.
 
 Either way the caller gets one reply per client, addressed from the
-client's virtual node, and counts bytes per client, so metrics are the same.
+client's virtual node (carrying only metrics when its model went into a
+group sum, collected by :meth:`Transport.take_sums`), and counts bytes per
+client, so metrics are the same.
 Replies are awaited without polling when the grid is Flower's in-memory one
 (:mod:`fedopt.engine`).
 """
@@ -33,6 +38,7 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 from fedopt.engine import reply_waiter
 from fedopt.errors import RunError
+from fedopt.partial import GroupSum, is_reduced, split_reduced
 
 __all__ = [
     "PACK_KEY",
@@ -59,10 +65,15 @@ def virtual_node(cid: int) -> int:
 
 @dataclass(frozen=True)
 class PackPlan:
-    """Whether a run packs its clients, and on how many Flower nodes."""
+    """Whether a run packs its clients, on how many Flower nodes, and its sum groups.
+
+    A packed node hosts whole sum groups (:mod:`fedopt.partial`): client
+    ``cid`` is in group ``cid % groups``, on node ``group % nodes``.
+    """
 
     packed: bool
     nodes: int
+    groups: int
 
 
 def default_pack_nodes(run: Any) -> int:
@@ -85,7 +96,8 @@ def default_pack_nodes(run: Any) -> int:
 def pack_plan(scenario: Any, *, num_clients: int) -> PackPlan:
     """How ``scenario`` with ``num_clients`` clients is laid out on Flower nodes."""
     run = scenario.run
-    nodes = min(run.pack_nodes or default_pack_nodes(run), num_clients)
+    groups = run.sum_groups
+    nodes = min(run.pack_nodes or default_pack_nodes(run), num_clients, groups)
     faults = scenario.extras.get("faults")
     crashes = faults is not None and faults.worker_crash > 0
     packed = {
@@ -93,14 +105,18 @@ def pack_plan(scenario: Any, *, num_clients: int) -> PackPlan:
         "off": False,
         "auto": num_clients > nodes and not crashes,
     }[run.pack]
-    return PackPlan(packed=packed, nodes=nodes if packed else num_clients)
+    return PackPlan(packed=packed, nodes=nodes if packed else num_clients, groups=groups)
 
 
-def pack_content(contents: Mapping[int, RecordDict]) -> RecordDict:
-    """One RecordDict carrying every client's content; a record shared by several is stored once."""
+def pack_content(contents: Mapping[int, RecordDict], *, reduce: int = 0) -> RecordDict:
+    """One RecordDict carrying every client's content; a record shared by several is stored once.
+
+    ``reduce`` > 0 asks the node to answer with the models summed over that
+    many sum groups (:func:`fedopt.partial.reduced_content`).
+    """
     out = RecordDict()
     slots: dict[int, str] = {}
-    index = ConfigRecord({"cids": [int(c) for c in contents]})
+    index = ConfigRecord({"cids": [int(c) for c in contents], "reduce": int(reduce)})
     for cid, content in contents.items():
         entries = []
         for key, record in content.items():
@@ -127,6 +143,11 @@ def unpack_content(content: RecordDict) -> dict[int, RecordDict]:
 def is_pack(content: RecordDict) -> bool:
     """Whether a message content is a pack of several clients' contents."""
     return PACK_KEY in content
+
+
+def pack_reduce(content: RecordDict) -> int:
+    """The number of sum groups a pack's reply should be reduced to (0: one reply per client)."""
+    return int(content[PACK_KEY].get("reduce", 0))
 
 
 class Transport:
@@ -162,14 +183,29 @@ class Transport:
         self._flight: dict[str, tuple[list[int], dict[int, Message], bool]] = {}
         # message id -> per-client replies pulled but not yet claimed
         self._done: dict[str, dict[int, Message]] = {}
+        # sum group -> partial sum of a reduced pack reply, until claimed
+        self._sums: dict[int, GroupSum] = {}
 
     def node_of(self, cid: int) -> int:
-        """The real Flower node that hosts client ``cid``."""
+        """The real Flower node that hosts client ``cid`` (its sum group's node when packed)."""
+        if self.plan.packed:
+            return self.nodes[(cid % self.plan.groups) % len(self.nodes)]
         return self.nodes[cid % len(self.nodes)]
 
+    def take_sums(self) -> dict[int, GroupSum]:
+        """The group sums of the reduced pack replies pulled so far (and forget them)."""
+        out, self._sums = self._sums, {}
+        return out
+
     # -- sending ----------------------------------------------------------------------------
-    def push(self, contents: Mapping[int, RecordDict], msg_type: str) -> list[str]:
-        """Send each client its content; returns the Flower message ids (the push's ticket)."""
+    def push(
+        self, contents: Mapping[int, RecordDict], msg_type: str, *, reduce: int = 0
+    ) -> list[str]:
+        """Send each client its content; returns the Flower message ids (the push's ticket).
+
+        ``reduce`` > 0: packs answer with their models summed per sum group
+        (collected by :meth:`take_sums`); a client sent on its own answers in full.
+        """
         templates = {
             cid: Message(content=c, dst_node_id=virtual_node(cid), message_type=msg_type)
             for cid, c in contents.items()
@@ -183,7 +219,8 @@ class Transport:
                 if len(cids) == 1:
                     batches.append((cids, contents[cids[0]]))
                 else:
-                    batches.append((cids, pack_content({c: contents[c] for c in cids})))
+                    pack = pack_content({c: contents[c] for c in cids}, reduce=reduce)
+                    batches.append((cids, pack))
         else:
             batches = [([cid], content) for cid, content in contents.items()]
         out = [
@@ -234,10 +271,10 @@ class Transport:
             self._waiter.wait(min(left, 1.0))
 
     def exchange(
-        self, contents: Mapping[int, RecordDict], msg_type: str, *, timeout: float
+        self, contents: Mapping[int, RecordDict], msg_type: str, *, timeout: float, reduce: int = 0
     ) -> dict[int, Message]:
         """Send and wait: one reply per client that answered before ``timeout``."""
-        ticket = self.push(contents, msg_type)
+        ticket = self.push(contents, msg_type, reduce=reduce)
         got = self.pull(ticket, timeout=timeout)
         self.forget(ticket)
         return got
@@ -257,7 +294,11 @@ class Transport:
             (cid,) = cids
             return {cid: Message(reply.content, reply_to=templates[cid])}
         errors = reply.content.get(PACK_ERRORS_KEY, ConfigRecord())
-        parts = unpack_content(reply.content)
+        if is_reduced(reply.content):
+            parts, sums = split_reduced(reply.content)
+            self._sums.update(sums)
+        else:
+            parts = unpack_content(reply.content)
         out = {}
         for cid in cids:
             if f"c{cid}" in errors:

@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
 from fedopt.curriculum import CurriculumParams, order_indices, pace
+from fedopt.partial import register_linear_wrapper
 from fedopt.registry import WRAPPERS
 from fedopt.task import derive_seed
 from fedopt.wrapper import WrappedStrategy
@@ -98,6 +99,7 @@ class ClientScheduler:
         return sorted(c for c in batch if c in set(available))
 
 
+@register_linear_wrapper
 class CurriculumStrategy(WrappedStrategy):
     """Curricula in FL (Vahidian et al., ICCV 2023) around any Flower strategy.
 

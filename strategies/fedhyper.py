@@ -22,6 +22,7 @@ from torch import nn
 from fedopt import hypergrad as hg
 from fedopt.errors import ConfigError
 from fedopt.params import check
+from fedopt.partial import register_linear
 from fedopt.plots import Figure
 from fedopt.registry import PLOTS, STRATEGIES
 from fedopt.task import build_task
@@ -114,6 +115,7 @@ class FedHyperParams:
         return dataclasses.replace(base, global_bounds=bounds, momentum=momentum)
 
 
+@register_linear
 class FedHyper(FedAvg):
     """FedHyper (Wang, Wang & Li, ICLR 2024): hypergradient learning-rate scheduling.
 

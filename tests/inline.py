@@ -72,7 +72,8 @@ class InlineGrid:
             parts = transport.unpack_content(msg.content)
             bad = sorted(set(parts) & self.fail_cids)
             keep = {c: v for c, v in parts.items() if c not in self.fail_cids}
-            msg = with_content(msg, transport.pack_content(keep))
+            reduce = transport.pack_reduce(msg.content)
+            msg = with_content(msg, transport.pack_content(keep, reduce=reduce))
         try:
             reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
         except Exception as err:  # the engine turns a client exception into an error reply

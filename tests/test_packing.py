@@ -79,9 +79,15 @@ def test_pack_content_carries_a_shared_record_once():
 
 def test_auto_packs_only_when_there_are_more_clients_than_nodes():
     sc = parse_scenario({**RAW, "run": {**RAW["run"], "pack_nodes": 3}})
-    assert transport.pack_plan(sc, num_clients=7) == transport.PackPlan(packed=True, nodes=3)
-    assert transport.pack_plan(sc, num_clients=3) == transport.PackPlan(packed=False, nodes=3)
+    assert transport.pack_plan(sc, num_clients=7) == transport.PackPlan(
+        packed=True, nodes=3, groups=64
+    )
+    assert transport.pack_plan(sc, num_clients=3) == transport.PackPlan(
+        packed=False, nodes=3, groups=64
+    )
     crash = parse_scenario({**RAW, "faults": {"worker_crash": 0.1}})
     assert not transport.pack_plan(crash, num_clients=7).packed
     off = sc.replace(**{"run.pack": "off"})
-    assert transport.pack_plan(off, num_clients=7) == transport.PackPlan(packed=False, nodes=7)
+    assert transport.pack_plan(off, num_clients=7) == transport.PackPlan(
+        packed=False, nodes=7, groups=64
+    )
