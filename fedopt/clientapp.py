@@ -164,6 +164,10 @@ class ClientRuntime:
 
         None means "one by one instead": the run did not ask, mods or a data
         order must see each client, or the local optimizer has no batched path.
+        A client's batched result does not depend on which clients share its
+        batch (each client's slice of a ``vmap`` is the same kernel on the same
+        shapes: the batch width is the scenario's batch size), so batched runs
+        too give the same rows whatever the number of nodes or workers.
         """
         fit_many = getattr(self.algorithm, "fit_many", None)
         if not self.scenario.run.vectorize or self.mods or self.data_order or fit_many is None:

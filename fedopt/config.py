@@ -148,8 +148,9 @@ class RunSection:
     workers, and differ from Flower's own float32 aggregation
     (``partial_sums = false``) by float rounding only.
     ``vectorize`` trains a pack's clients at once (one batched step for all,
-    :mod:`fedopt.vectorized`) when the local optimizer can: the same
-    arithmetic batched, so results agree to float rounding but not bitwise.
+    :mod:`fedopt.vectorized`) when the local optimizer can (SGD, with
+    momentum and clipping): the same arithmetic batched, so results agree
+    with client-by-client training to float rounding but not bitwise.
     ``checkpoint_every`` writes a checkpoint every k rounds (0: only when the
     run is stopped by Ctrl-C or SIGTERM). ``diverge_factor`` and
     ``diverge_rounds`` stop a run whose loss stays above ``diverge_factor``

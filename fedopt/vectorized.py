@@ -14,9 +14,12 @@ that has finished stops moving). The arithmetic is the same, batched, so
 the results agree with client-by-client training to float rounding, not
 bitwise: that is why it is opt-in (``run.vectorize``).
 
-Covered: SGD without momentum (weight decay and FedProx's proximal term
-included), models without buffers or active dropout. Anything else trains
-client by client (:func:`unsupported` says why).
+Covered: SGD with or without heavy-ball momentum (torch's rule, a fresh
+buffer per client and round), weight decay, FedProx's proximal term and
+gradient clipping to a global norm (each client's gradient scaled by
+``min(1, max_norm / (its norm + 1e-6))``, as ``clip_grad_norm_`` does),
+on models without buffers or active dropout. Anything else trains client
+by client (:func:`unsupported` says why).
 """
 
 from __future__ import annotations
@@ -48,10 +51,8 @@ class PackJob:
 
 def unsupported(model: nn.Module, cfg: LocalTrainConfig) -> str | None:
     """Why a pack of clients with ``model`` and ``cfg`` cannot train batched (None: it can)."""
-    if cfg.optimizer != "sgd" or cfg.momentum != 0.0:
-        return "only SGD without momentum is batched"
-    if cfg.max_grad_norm is not None:
-        return "gradient clipping is per client"
+    if cfg.optimizer != "sgd":
+        return "only SGD is batched"
     if any(True for _ in model.buffers()):
         return "the model has buffers (batch norm statistics)"
     if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
@@ -86,6 +87,11 @@ def train_pack(
     lr = torch.tensor([j.cfg.lr for j in jobs], device=device)
     wd = torch.tensor([j.cfg.weight_decay for j in jobs], device=device)
     mu = torch.tensor([j.proximal_mu for j in jobs], device=device)
+    momentum = torch.tensor([j.cfg.momentum for j in jobs], device=device)
+    heavy = any(j.cfg.momentum != 0.0 for j in jobs)
+    clip = [j.cfg.max_grad_norm for j in jobs]
+    max_norm = torch.tensor([math.inf if m is None else m for m in clip], device=device)
+    buffers: dict[str, torch.Tensor] = {}
 
     def loss_fn(p, xb, yb, anchor, mu_c):
         logits = functional_call(model, {**p, **frozen}, (xb,))
@@ -121,9 +127,18 @@ def train_pack(
                 counted[c] += int(count_l[c])
                 seen[c] += len(streams[c][t])
                 done[c] += 1
+            if any(m is not None for m in clip):
+                grads = _clipped(grads, max_norm)
             for k in names:
                 shape = (-1,) + (1,) * (params[k].ndim - 1)
                 step = grads[k] + wd.view(shape) * params[k]
+                if heavy:  # torch: buf = d_p at the first step, then momentum * buf + d_p
+                    if t == 0:
+                        buffers[k] = step
+                    else:
+                        new_buf = momentum.view(shape) * buffers[k] + step
+                        buffers[k] = torch.where(moving.view(shape), new_buf, buffers[k])
+                    step = buffers[k]
                 params[k] = params[k] - (moving.view(shape) * lr.view(shape)) * step
     finally:
         model.train(was_training)
@@ -135,6 +150,19 @@ def train_pack(
         weights = {**{k: params[k][c] for k in names}, **frozen}
         out.append((weights, TrainResult(loss, acc, n, done[c], seen[c])))
     return out
+
+
+def _clipped(grads: dict[str, torch.Tensor], max_norm: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each client's gradient scaled to at most ``max_norm`` in global L2 norm (``inf``: as is).
+
+    The per-client form of ``nn.utils.clip_grad_norm_``: the norm of the
+    per-tensor norms, and the factor ``max_norm / (norm + 1e-6)`` clamped to 1.
+    """
+    b = max_norm.shape[0]
+    norms = torch.stack([torch.linalg.vector_norm(g.reshape(b, -1), dim=1) for g in grads.values()])
+    total = torch.linalg.vector_norm(norms, dim=0)
+    factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return {k: g * factor.view((-1,) + (1,) * (g.ndim - 1)) for k, g in grads.items()}
 
 
 def _stack_batch(

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from inline import run_inline, scenario_with
+from inline import run_inline, scenario_with, strip_wall
 from torch import nn
 
 from fedopt import vectorized
@@ -28,12 +28,15 @@ def data(n, seed):
 def test_batched_clients_match_sequential_training(mu):
     model = mlp()
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    sizes = [0, 7, 33, 64]
+    sizes = [0, 7, 33, 64, 40, 21, 30]
     cfgs = [
         LocalTrainConfig(epochs=2, batch_size=16, lr=0.1),
         LocalTrainConfig(epochs=2, batch_size=16, lr=0.05, weight_decay=0.01),
         LocalTrainConfig(steps=5, batch_size=8, lr=0.1),
         LocalTrainConfig(epochs=1, batch_size=16, lr=0.2),
+        LocalTrainConfig(epochs=2, batch_size=8, lr=0.1, momentum=0.9),
+        LocalTrainConfig(epochs=2, batch_size=8, lr=0.1, momentum=0.5, max_grad_norm=0.5),
+        LocalTrainConfig(steps=6, batch_size=4, lr=0.3, max_grad_norm=0.05, weight_decay=0.01),
     ]
     jobs = []
     expected = []
@@ -66,8 +69,8 @@ def test_batched_clients_match_sequential_training(mu):
 def test_what_cannot_be_batched_says_why():
     cfg = LocalTrainConfig()
     assert vectorized.unsupported(mlp(), cfg) is None
-    assert "momentum" in vectorized.unsupported(mlp(), LocalTrainConfig(momentum=0.9))
-    assert "clipping" in vectorized.unsupported(mlp(), LocalTrainConfig(max_grad_norm=1.0))
+    assert vectorized.unsupported(mlp(), LocalTrainConfig(momentum=0.9, max_grad_norm=1.0)) is None
+    assert "SGD" in vectorized.unsupported(mlp(), LocalTrainConfig(optimizer="adam"))
     assert "buffers" in vectorized.unsupported(nn.Sequential(nn.BatchNorm1d(3)), cfg)
     assert "dropout" in vectorized.unsupported(nn.Sequential(nn.Dropout(0.1)), cfg)
 
@@ -96,3 +99,34 @@ def test_a_vectorized_run_gives_the_same_rows_to_float_rounding(monkeypatch):
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=1e-6)
         assert b["central_loss"] == pytest.approx(a["central_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        LocalTrainConfig(epochs=1, batch_size=16, lr=0.1),
+        LocalTrainConfig(epochs=2, batch_size=16, lr=0.1, momentum=0.9, max_grad_norm=0.5),
+    ],
+    ids=["sgd", "momentum-clipped"],
+)
+def test_a_clients_batched_result_does_not_depend_on_its_pack_mates(cfg):
+    start = {k: v.clone() for k, v in mlp().state_dict().items()}
+
+    def job(c):
+        x, y = data(20 + 3 * c, c)
+        return vectorized.PackJob(x, y, cfg, torch.Generator().manual_seed(c), start)
+
+    alone = vectorized.train_pack(mlp(), [job(1)])[0]
+    for mates in ([0, 1], [1, 2, 3, 4, 5], list(range(12))):
+        got = vectorized.train_pack(mlp(), [job(c) for c in mates])[mates.index(1)]
+        assert got[1] == alone[1]
+        assert all(torch.equal(got[0][k], alone[0][k]) for k in alone[0])
+
+
+def test_a_vectorized_run_does_not_depend_on_the_number_of_nodes():
+    raw = {**RAW, "client": {**RAW["client"], "momentum": 0.9, "max_grad_norm": 1.0}}
+    rows = [
+        strip_wall(run_inline(scenario_with(raw, run__vectorize=True, run__pack_nodes=n))[0])
+        for n in (1, 2, 3)
+    ]
+    assert rows[0] == rows[1] == rows[2]
