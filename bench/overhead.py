@@ -2,12 +2,15 @@
 
 The job (bench/common.py): an MLP 64-128-10, 64 examples per client, one
 local epoch of SGD (batch 32, lr 0.1), every client in every round, FedAvg.
-For each number of clients N it is measured seven ways:
+For each number of clients N it is measured nine ways:
 
 - floor1:          a bare PyTorch loop in this process (load weights, train, average);
 - floor2:          the same loop on 2 persistent spawned worker processes (the
                    strictest bare floor on 2 cores; each trains half the clients);
 - stock Flower:    Flower 1.41 FedAvg on ``run_simulation`` (Ray), example-style ClientApp;
+- pfl-research:    Apple's pfl 0.6 (PyTorch backend) on 1 process and on 2 under torchrun
+                   (bench/pfl_job.py, a subprocess); its final weights are checked
+                   against the 1-process floor's (same init, data and batch order);
 - fedopt:          ``fedopt.run`` on the same job (Ray), the scenario as written;
 - fedopt unpacked: the same with ``run.pack = "off"`` (one Flower node and message per client).
 - fedopt, batched packs: the same with ``run.vectorize = true`` (a pack's clients train at once).
@@ -31,7 +34,8 @@ machines are noisy, so only numbers measured in the same run are compared.
 Progress goes to stderr, the table to stdout (and to ``--markdown`` PATH).
 
 Usage: python bench/overhead.py [--clients 10 100 1000] [--rounds R] [--skip-flower]
-       [--dp-clients 100] [--skip-dp] [--skip-fedkseed] [--markdown PATH]
+       [--skip-pfl] [--skip-fedopt] [--pfl-python PY] [--dp-clients 100] [--skip-dp]
+       [--skip-fedkseed] [--markdown PATH]
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +54,8 @@ from pathlib import Path
 from typing import Any
 
 import common
+import numpy as np
+import pfl_job
 import torch
 
 #: Rounds per measurement when --rounds is not given: fewer where stock Flower is slow.
@@ -58,11 +65,16 @@ GOALS = {
     ("fedavg", "fedopt", "floor2"): ((100, 1000), "le", 1.2),
     ("fedavg", "fedopt, batched packs", "floor2"): ((100, 1000), "le", 1.2),
     ("fedavg", "stock Flower", "fedopt"): ((1000,), "ge", 8.0),
+    ("fedavg", "fedopt", "pfl2"): ((100, 1000), "le", 1.0),
 }
+#: Largest absolute difference allowed between pfl's final weights and the floor's (float32).
+PFL_ATOL = 1e-5
 LABELS = {
     "floor1": "floor, 1 process",
     "floor2": "floor, 2 processes",
     "flower": "stock Flower",
+    "pfl1": "pfl-research, 1 process",
+    "pfl2": "pfl-research, 2 processes (torchrun)",
     "fedopt": "fedopt",
     "unpacked": "fedopt unpacked",
     "vectorized": "fedopt, batched packs",
@@ -100,6 +112,7 @@ class Row:
     baseline: str
     base_seconds: float | None
     goal: tuple[tuple[int, ...], str, float] | None = None
+    note: str = ""
 
     def cells(self) -> list[str]:
         ok = self.seconds is not None and self.base_seconds is not None
@@ -112,7 +125,7 @@ class Row:
             self.baseline,
             _seconds(self.base_seconds),
             "n/a" if ratio is None else f"{ratio:.2f}x",
-            self.verdict(ratio),
+            "; ".join(t for t in (self.verdict(ratio), self.note) if t),
         ]
 
     def verdict(self, ratio: float | None) -> str:
@@ -154,29 +167,81 @@ def fedopt_times(n: int, rounds: int, out: Path, label: str, **kw: Any) -> float
     return timed(label, common.isolated, common.run_fedopt, raw, out)
 
 
-def fedavg_rows(n: int, rounds: int, out: Path, *, flower: bool) -> list[Row]:
-    """Every FedAvg measurement at ``n`` clients per round, as table rows."""
+def pfl_times(
+    n: int, rounds: int, *, procs: int, python: str, reference: dict[str, np.ndarray]
+) -> tuple[float | None, str, bool]:
+    """One pfl run on ``procs`` processes: steady s/round, the weights check's note, its verdict.
+
+    The check: the largest absolute difference between pfl's final weights and
+    ``reference`` (the 1-process floor's after the same rounds) is at most
+    :data:`PFL_ATOL`. A run that fails is reported and gives ``None``.
+    """
+    label = LABELS[f"pfl{procs}"]
+    found: dict[str, dict[str, np.ndarray]] = {}
+
+    def run() -> list[float]:
+        times, found["weights"] = pfl_job.launch(n, rounds, procs=procs, python=python)
+        return times
+
+    try:
+        value = timed(label, run)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as err:
+        say(f"  {label}: failed: {err}")
+        return None, "pfl run failed", False
+    diff = pfl_job.max_abs_diff(reference, found["weights"])
+    ok = diff <= PFL_ATOL
+    say(
+        f"    final weights against the floor's: max |Δ| = {diff:.1e} "
+        f"(tolerance {PFL_ATOL:g}): {'equal' if ok else 'NOT EQUAL'}"
+    )
+    return value, f"weights = floor's ± {PFL_ATOL:g}: {'met' if ok else 'missed'} ({diff:.1e})", ok
+
+
+def fedavg_rows(
+    n: int, rounds: int, out: Path, *, flower: bool, fedopt: bool, pfl: str | None
+) -> tuple[list[Row], bool]:
+    """Every FedAvg measurement at ``n`` clients per round, as table rows.
+
+    ``pfl`` is the Python that runs bench/pfl_job.py (None: no pfl rows). Also
+    returns whether every pfl weights check passed.
+    """
     say(f"N = {n} clients per round, {rounds} rounds")
     s: dict[str, float | None] = {
         "floor1": timed(LABELS["floor1"], common.floor1, n, rounds),
         "floor2": timed(LABELS["floor2"], common.floor2, n, rounds),
-        "flower": timed(LABELS["flower"], common.isolated, common.run_flower, n, rounds)
-        if flower
-        else None,
-        "fedopt": fedopt_times(n, rounds, out, LABELS["fedopt"]),
-        "unpacked": fedopt_times(n, rounds, out, LABELS["unpacked"], pack="off"),
-        "vectorized": fedopt_times(n, rounds, out, LABELS["vectorized"], vectorize=True),
     }
+    notes: dict[str, str] = {}
+    checked = True
+    if flower:
+        s["flower"] = timed(LABELS["flower"], common.isolated, common.run_flower, n, rounds)
+    if pfl is not None:
+        reference = pfl_job.floor_weights(n, rounds)
+        for procs in (1, 2):
+            key = f"pfl{procs}"
+            if n % procs:
+                say(f"  {LABELS[key]}: skipped (N must be a multiple of the {procs} processes)")
+                continue
+            s[key], notes[key], ok = pfl_times(
+                n, rounds, procs=procs, python=pfl, reference=reference
+            )
+            checked &= ok
+    if fedopt:
+        s["fedopt"] = fedopt_times(n, rounds, out, LABELS["fedopt"])
+        s["unpacked"] = fedopt_times(n, rounds, out, LABELS["unpacked"], pack="off")
+        s["vectorized"] = fedopt_times(n, rounds, out, LABELS["vectorized"], vectorize=True)
     pairs = [
         ("floor2", "floor1"),
         ("flower", "floor2"),
+        ("pfl1", "floor1"),
+        ("pfl2", "floor2"),
         ("fedopt", "floor2"),
         ("unpacked", "floor2"),
         ("vectorized", "floor2"),
         ("fedopt", "floor1"),
         ("flower", "fedopt"),
+        ("fedopt", "pfl2"),
     ]
-    return [
+    rows = [
         Row(
             "fedavg",
             str(n),
@@ -185,10 +250,12 @@ def fedavg_rows(n: int, rounds: int, out: Path, *, flower: bool) -> list[Row]:
             LABELS[b],
             s[b],
             GOALS.get(("fedavg", LABELS[m], b)),
+            notes.get(m, "") if b.startswith("floor") else "",
         )
         for m, b in pairs
-        if flower or "flower" not in (m, b)
+        if m in s and b in s
     ]
+    return rows, checked
 
 
 def dp_row(n: int, rounds: int, out: Path, sgd: float | None) -> Row:
@@ -277,6 +344,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--rounds", type=int, help="rounds per measurement (default 8/6/3)")
     parser.add_argument("--skip-flower", action="store_true", help="no stock Flower runs")
+    parser.add_argument("--skip-pfl", action="store_true", help="no pfl-research runs")
+    parser.add_argument(
+        "--skip-fedopt", action="store_true", help="no fedopt FedAvg runs (the DP row stays)"
+    )
+    parser.add_argument(
+        "--pfl-python",
+        default=sys.executable,
+        help="the Python with pfl that runs bench/pfl_job.py (default: this one)",
+    )
     parser.add_argument("--dp-clients", type=int, default=100, help="N of the DP-SGD row")
     parser.add_argument("--skip-dp", action="store_true", help="no DP-SGD row")
     parser.add_argument("--skip-fedkseed", action="store_true", help="no FedKSeed row")
@@ -289,14 +365,22 @@ def main() -> None:
         return DEFAULT_ROUNDS.get(n, 3 if n >= 1000 else 6)
 
     t0 = time.perf_counter()
+    pfl = None if args.skip_pfl else args.pfl_python
+    if pfl is not None and not pfl_job.available(pfl):
+        say(pfl_job.INSTALL_HINT.format(python=pfl))
+        pfl = None
     rows: list[Row] = []
     fedopt: dict[int, float | None] = {}
+    checked = True
     with common.quiet(), tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for n in args.clients:
-            found = fedavg_rows(n, rounds(n), out, flower=not args.skip_flower)
-            fedopt[n] = next(r.seconds for r in found if r.measured == LABELS["fedopt"])
+            found, ok = fedavg_rows(
+                n, rounds(n), out, flower=not args.skip_flower, fedopt=not args.skip_fedopt, pfl=pfl
+            )
+            fedopt[n] = next((r.seconds for r in found if r.measured == LABELS["fedopt"]), None)
             rows += found
+            checked &= ok
         if not args.skip_dp:
             n = args.dp_clients
             rows.append(dp_row(n, rounds(n), out, fedopt.get(n)))
@@ -315,6 +399,8 @@ def main() -> None:
     print(text, flush=True)
     if args.markdown is not None:
         args.markdown.write_text(text + "\n")
+    if not checked:
+        sys.exit("a pfl-research run failed or its final weights differ from the floor's")
 
 
 if __name__ == "__main__":
