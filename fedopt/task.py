@@ -5,10 +5,16 @@ comes out identical everywhere because every random choice in it is seeded by
 ``run.seed``. Building it is also how a scenario's data-dependent errors
 (more clients than examples, a model that does not fit the data) surface
 before any engine starts.
+
+A population dataset (:mod:`fedopt.data.population`) has no pool to partition:
+its clients are generated from ``(seed, cid)`` when :meth:`Task.client_data`
+asks, so building its task costs the central test set, whatever the number
+of clients.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,10 +26,13 @@ from fedopt.data import (
     Dataset,
     TaskData,
     data_params,
+    label_histogram,
     load_task_data,
     partition_clients,
     split_client,
+    split_sizes,
 )
+from fedopt.errors import ConfigError
 from fedopt.models import build_model
 from fedopt.registry import CLIENTS
 
@@ -37,16 +46,29 @@ def derive_seed(*parts: int) -> int:
 
 @dataclass(frozen=True)
 class Task:
-    """Data and model of one scenario, ready for the server and for any client."""
+    """Data and model of one scenario, ready for the server and for any client.
+
+    Attributes
+    ----------
+    scenario : Scenario
+        The scenario the task is built from.
+    data : TaskData
+        The loaded dataset; ``data.clients`` set for a generated population.
+    parts : tuple of numpy.ndarray
+        Each client's indices into ``data.train``; empty for a population,
+        whose clients are ``0 .. partition.num_clients - 1``.
+    """
 
     scenario: Scenario
     data: TaskData
-    parts: tuple[np.ndarray, ...]
+    parts: tuple[np.ndarray, ...] = ()
 
     @property
     def num_clients(self) -> int:
         """Number of clients the training pool is split into."""
-        return len(self.parts)
+        if self.data.clients is None:
+            return len(self.parts)
+        return self.scenario.partition.num_clients
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -59,16 +81,44 @@ class Task:
         return self.data.train.num_classes
 
     def client_data(self, cid: int) -> tuple[Dataset, Dataset]:
-        """The (train, test) split of client ``cid``."""
+        """The (train, test) split of client ``cid`` (a population's is generated now)."""
         if not 0 <= cid < self.num_clients:
             raise IndexError(f"client id {cid} is outside 0..{self.num_clients - 1}")
-        train_idx, test_idx = split_client(
-            self.parts[cid],
-            test_fraction=self.scenario.partition.test_fraction,
-            seed=self.scenario.run.seed,
-            cid=cid,
-        )
+        split = {"test_fraction": self.scenario.partition.test_fraction, "cid": cid}
+        if self.data.clients is not None:
+            pool = self.data.clients.client(cid)
+            train_idx, test_idx = split_client(
+                np.arange(len(pool)), seed=self.scenario.run.seed, **split
+            )
+            return pool.subset(train_idx), pool.subset(test_idx)
+        train_idx, test_idx = split_client(self.parts[cid], seed=self.scenario.run.seed, **split)
         return self.data.train.subset(train_idx), self.data.train.subset(test_idx)
+
+    def train_sizes(self) -> np.ndarray:
+        """int64 training-set size of every client, as :meth:`client_data` splits them.
+
+        Only sizes are computed: no index is permuted and no example is generated.
+        """
+        if self.data.clients is None:
+            sizes = np.array([len(p) for p in self.parts], dtype=np.int64)
+        else:
+            sizes = self.data.clients.sizes(np.arange(self.num_clients))
+        return split_sizes(sizes, test_fraction=self.scenario.partition.test_fraction)[0]
+
+    def label_histogram(self, cids: Sequence[int] | None = None) -> np.ndarray:
+        """Count each class among each client's examples (all clients when ``cids`` is None).
+
+        An int64 array of shape ``(len(cids), num_labels)``; a population's
+        clients in ``cids`` are generated to count them.
+        """
+        train = self.data.train
+        cids = range(self.num_clients) if cids is None else cids
+        if self.data.clients is None:
+            return label_histogram(train.labels, [self.parts[c] for c in cids], train.num_labels)
+        pools = [self.data.clients.client(c).labels for c in cids]
+        return np.array(
+            [np.bincount(y, minlength=train.num_labels) for y in pools], dtype=np.int64
+        ).reshape(len(pools), train.num_labels)
 
     def new_model(self) -> nn.Module:
         """A freshly initialised model (same weights for the same seed, everywhere).
@@ -98,9 +148,11 @@ class Task:
 def build_task(scenario: Scenario) -> Task:
     """Load the dataset, partition it into clients, check the privacy plan and the model.
 
-    The privacy plan (:func:`fedopt.privacy.preflight.check_tasks`: δ against
-    the smallest client, a reachable target ε for every client's steps) needs
-    only the partition, so it is checked before the model is built, which for
+    A population dataset is not partitioned: ``partition.name`` must be
+    ``natural`` (one client per generated user). The privacy plan
+    (:func:`fedopt.privacy.preflight.check_tasks`: δ against the smallest
+    client, a reachable target ε for every client's steps) needs only the
+    clients' sizes, so it is checked before the model is built, which for
     DP-SGD imports Opacus: a bad plan fails a few seconds sooner.
     """
     from fedopt.privacy.preflight import check_tasks
@@ -109,10 +161,19 @@ def build_task(scenario: Scenario) -> Task:
     data = load_task_data(
         d.name, data_params(scenario), test_fraction=d.test_fraction, seed=scenario.run.seed
     )
-    parts = partition_clients(
-        data.train, p.name, p.params, num_clients=p.num_clients, seed=scenario.run.seed
-    )
-    task = Task(scenario, data, tuple(parts))
+    if data.clients is not None:
+        if p.name != "natural":
+            raise ConfigError(
+                "partition.name",
+                p.name,
+                f"'natural' for data.name = '{d.name}', whose clients are its generated users",
+            )
+        task = Task(scenario, data)
+    else:
+        parts = partition_clients(
+            data.train, p.name, p.params, num_clients=p.num_clients, seed=scenario.run.seed
+        )
+        task = Task(scenario, data, tuple(parts))
     check_tasks([task])
     task.new_model()
     return task

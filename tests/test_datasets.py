@@ -32,6 +32,7 @@ def test_registry_holds_every_builtin_and_file_loader():
         "csv",
         "digits",
         "hf",
+        "lazy_synthetic",
         "mnist",
         "npz",
         "public_split",

@@ -1,6 +1,6 @@
-"""Datasets, local-file loaders and client partitioning; importing registers all of them."""
+"""Datasets, local-file loaders, generated populations and client partitioning (all registered)."""
 
-from fedopt.data import builtin, files, images, partition
+from fedopt.data import builtin, files, images, partition, population
 from fedopt.data.core import (
     Dataset,
     TaskData,
@@ -12,9 +12,12 @@ from fedopt.data.core import (
     partition_clients,
     plot_label_heatmap,
     split_client,
+    split_sizes,
 )
+from fedopt.data.population import ClientPool
 
 __all__ = [
+    "ClientPool",
     "Dataset",
     "TaskData",
     "TextSpec",
@@ -27,6 +30,8 @@ __all__ = [
     "load_task_data",
     "partition",
     "partition_clients",
+    "population",
     "plot_label_heatmap",
     "split_client",
+    "split_sizes",
 ]

@@ -7,13 +7,16 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from fedopt.errors import ConfigError
 from fedopt.params import build
 from fedopt.registry import DATASETS, PARTITIONERS, Entry
+
+if TYPE_CHECKING:
+    from fedopt.data.population import ClientPool
 
 __all__ = [
     "Dataset",
@@ -26,6 +29,7 @@ __all__ = [
     "plot_label_heatmap",
     "seed32",
     "split_client",
+    "split_sizes",
 ]
 
 
@@ -171,13 +175,17 @@ class TaskData:
     """A loaded task: the pool partitioned among clients and the central test set.
 
     ``public``, when a loader provides it, is data disjoint from both that a
-    central warm start may train on (``[pretrain]``).
+    central warm start may train on (``[pretrain]``). ``clients``, set by a
+    population dataset (:mod:`fedopt.data.population`), generates each
+    client's examples on demand; ``train`` then holds no examples, only their
+    shape and classes.
     """
 
     name: str
     train: Dataset
     test: Dataset
     public: Dataset | None = None
+    clients: ClientPool | None = None
 
 
 def _resolve(entry: Entry[Any], params: Any, where: str) -> Any:
@@ -255,7 +263,7 @@ def load_task_data(name: str, params: Any, *, test_fraction: float, seed: int) -
     test = task.test if task.test.name else dataclasses.replace(task.test, name=name)
     if train.input_shape != test.input_shape or train.num_classes != test.num_classes:
         raise ValueError(f"dataset '{name}' returned train and test sets that do not match")
-    return TaskData(task.name, train, test, task.public)
+    return TaskData(task.name, train, test, task.public, task.clients)
 
 
 def data_params(scenario: Any) -> Any:
@@ -333,14 +341,27 @@ def split_client(
     ConfigError
         ``partition.test_fraction`` outside [0, 1).
     """
-    if not 0.0 <= test_fraction < 1.0:
-        raise ConfigError("partition.test_fraction", test_fraction, "a fraction in [0, 1)")
     indices = np.asarray(indices, dtype=np.int64)
-    n_test = min(int(round(test_fraction * len(indices))), max(len(indices) - 1, 0))
+    n_test = int(split_sizes(np.array([len(indices)]), test_fraction=test_fraction)[1][0])
     if n_test == 0:
         return np.sort(indices), np.empty(0, dtype=np.int64)
     perm = np.random.default_rng([seed32(seed), seed32(cid)]).permutation(len(indices))
     return np.sort(indices[perm[n_test:]]), np.sort(indices[perm[:n_test]])
+
+
+def split_sizes(sizes: np.ndarray, *, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The (train, test) sizes :func:`split_client` gives clients of ``sizes`` examples.
+
+    Raises
+    ------
+    ConfigError
+        ``partition.test_fraction`` outside [0, 1).
+    """
+    if not 0.0 <= test_fraction < 1.0:
+        raise ConfigError("partition.test_fraction", test_fraction, "a fraction in [0, 1)")
+    sizes = np.asarray(sizes, dtype=np.int64)
+    n_test = np.minimum(np.rint(test_fraction * sizes).astype(np.int64), np.maximum(sizes - 1, 0))
+    return sizes - n_test, n_test
 
 
 def label_histogram(y: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:

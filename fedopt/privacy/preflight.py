@@ -29,7 +29,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fedopt.data import split_client
+import numpy as np
+
 from fedopt.errors import ConfigError
 from fedopt.privacy.accountants import PrivacyError, make_accountant
 from fedopt.privacy.calibration import PrivacyTargetError, check_reachable
@@ -48,12 +49,10 @@ PRIVACY_CHECKS: Registry[Callable[[Any], Mapping[str, Any] | None]] = Registry("
 def train_sizes(task: Task) -> list[int]:
     """n_k: each client's number of training examples, as ``task.client_data`` splits them.
 
-    Only the index split is computed (:func:`fedopt.data.split_client`, the
-    function ``client_data`` uses); no example is copied.
+    Only sizes are computed (:meth:`fedopt.task.Task.train_sizes`); no example
+    is copied or, for a generated population, generated.
     """
-    s = task.scenario
-    split = {"test_fraction": s.partition.test_fraction, "seed": s.run.seed}
-    return [len(split_client(part, cid=cid, **split)[0]) for cid, part in enumerate(task.parts)]
+    return [int(n) for n in task.train_sizes()]
 
 
 def _check_delta(p: DPSGDParams, n_min: int, cid: int) -> None:
@@ -112,14 +111,17 @@ def check_sample_level(task: Task) -> dict[str, Any] | None:
     p = task.scenario.client.params
     if not isinstance(p, DPSGDParams) or p.non_private:
         return None
-    sizes = [(n, cid) for cid, n in enumerate(train_sizes(task)) if n > 0]
-    if not sizes:
+    sizes = task.train_sizes()
+    cids = np.flatnonzero(sizes > 0)
+    if not len(cids):
         return None
-    n_min, cid_min = min(sizes)
+    # each distinct n_k once, ascending, with the smallest client that has it
+    distinct, first = np.unique(sizes[cids], return_index=True)
+    n_min, cid_min = int(distinct[0]), int(cids[first[0]])
     _check_delta(p, n_min, cid_min)
     plans: dict[tuple[float, int], tuple[int, int]] = {}
-    for n, cid in sorted(sizes):
-        plans.setdefault(local_plan(p, n), (cid, n))
+    for n, at in zip(distinct.tolist(), first.tolist(), strict=True):
+        plans.setdefault(local_plan(p, n), (int(cids[at]), n))
     s = task.scenario
     counts = {"clients_per_round": s.clients_per_round, "num_clients": s.partition.num_clients}
     rounds = planned_participations(p, s.run.rounds, **counts)
