@@ -85,7 +85,7 @@ class _Display:
 
     def row(self, row: dict[str, Any]) -> None:
         if row.get("round") == 0 and not self.bar.live.is_started:  # the untrained model
-            self.status("round 1: client workers starting (each imports torch, builds its task)")
+            self.status("round 1: waiting for the client workers (each imports torch)")
             return
         self._stop_status()
         self._row(row)
@@ -274,15 +274,24 @@ def cmd_reproduce(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+#: Most clients `fedopt partitions` lists (one table row and heatmap row each).
+PARTITIONS_MAX = 5000
+
+
 def cmd_partitions(args: argparse.Namespace, console: Console) -> int:
     from fedopt.config import load_scenario
-    from fedopt.data import label_histogram, plot_label_heatmap
+    from fedopt.data import plot_label_heatmap
     from fedopt.task import build_task
 
     scenario = load_scenario(args.scenario, args.set)
     task = build_task(scenario)
-    train = task.data.train
-    hist = label_histogram(train.labels, list(task.parts), train.num_labels)
+    if task.num_clients > PARTITIONS_MAX:
+        raise ConfigError(
+            "partition.num_clients",
+            task.num_clients,
+            f"at most {PARTITIONS_MAX} clients for `fedopt partitions` (one row each)",
+        )
+    hist = task.label_histogram()
     table = Table(
         title=f"{scenario.name}: {scenario.partition.name} partition of {scenario.data.name}"
     )

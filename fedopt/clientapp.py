@@ -57,6 +57,10 @@ def message_cid(msg: Message, context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
+#: Clients of a generated population whose tensors a worker keeps (least recently used go).
+POPULATION_CACHE = 4096
+
+
 class ClientRuntime:
     """Everything a worker builds once for a scenario and reuses for every client it serves.
 
@@ -101,11 +105,20 @@ class ClientRuntime:
         self._tensors: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def tensors(self, cid: int) -> tuple[torch.Tensor, ...]:
-        """(x_train, y_train, x_test, y_test) of client ``cid`` on the device, cached."""
-        if cid not in self._tensors:
+        """(x_train, y_train, x_test, y_test) of client ``cid`` on the device, cached.
+
+        A generated population's clients are made again when needed (the same
+        data, from ``(seed, cid)``): only the :data:`POPULATION_CACHE` most
+        recently used stay, so a worker's memory does not grow with the rounds.
+        """
+        hit = self._tensors.pop(cid, None)
+        if hit is None:
             train, test = self.task.client_data(cid)
-            self._tensors[cid] = (*as_tensors(train, self.device), *as_tensors(test, self.device))
-        return self._tensors[cid]
+            hit = (*as_tensors(train, self.device), *as_tensors(test, self.device))
+        self._tensors[cid] = hit  # most recently used last
+        if self.task.data.clients is not None and len(self._tensors) > POPULATION_CACHE:
+            del self._tensors[next(iter(self._tensors))]
+        return hit
 
     def _seed(self, server_round: int, cid: int, purpose: int) -> int:
         if self._noise_key is not None:

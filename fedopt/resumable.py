@@ -164,9 +164,15 @@ def _state_exchange(
 
 
 def export_clients(driver: Any) -> dict[int, RecordDict]:
-    """Every client's ``Context.state`` records, by client id."""
-    n = driver.task.num_clients
-    return _state_exchange(driver, {cid: RecordDict() for cid in range(n)}, "export")
+    """The ``Context.state`` records of every client that holds any, by client id.
+
+    Only clients the run has sent a message to (trained, evaluated, queried or
+    given back their state on resume) can hold state, so only they are asked:
+    a checkpoint costs what the run has touched, not the population.
+    """
+    cids = sorted(driver.transport.contacted)
+    states = _state_exchange(driver, {cid: RecordDict() for cid in cids}, "export")
+    return {cid: records for cid, records in states.items() if records}
 
 
 def import_clients(driver: Any, states: dict[int, RecordDict]) -> None:

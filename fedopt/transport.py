@@ -185,6 +185,8 @@ class Transport:
         self._done: dict[str, dict[int, Message]] = {}
         # sum group -> partial sum of a reduced pack reply, until claimed
         self._sums: dict[int, GroupSum] = {}
+        #: Every client sent a message so far: the only ones that can hold state.
+        self.contacted: set[int] = set()
 
     def node_of(self, cid: int) -> int:
         """The real Flower node that hosts client ``cid`` (its sum group's node when packed)."""
@@ -206,6 +208,7 @@ class Transport:
         ``reduce`` > 0: packs answer with their models summed per sum group
         (collected by :meth:`take_sums`); a client sent on its own answers in full.
         """
+        self.contacted.update(contents)
         templates = {
             cid: Message(content=c, dst_node_id=virtual_node(cid), message_type=msg_type)
             for cid, c in contents.items()

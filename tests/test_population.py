@@ -191,3 +191,18 @@ def test_label_histograms_count_each_clients_examples():
     ptask = build_task(parse_scenario(pooled))
     sizes = [len(p) for p in ptask.parts]
     assert list(ptask.label_histogram().sum(axis=1)) == sizes
+
+
+def test_a_run_over_a_population_checkpoints_only_the_clients_it_touched():
+    from inline import run_inline
+
+    from fedopt import resumable
+
+    rows, driver, grid = run_inline(parse_scenario(raw(num_clients=20000)))
+    touched = driver.transport.contacted
+    trained = {c for r in rows for c in r.get("clients", [])}
+    assert trained <= touched and len(touched) <= 2 * (10 + 5)
+    sent = len(grid.sent)
+    states = resumable.export_clients(driver)
+    assert len(grid.sent) - sent == len(touched)  # one export query per touched client
+    assert set(states) <= touched
