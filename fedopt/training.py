@@ -366,6 +366,8 @@ def train_local(
     if batches is None:
         batches = shuffled_batches(n, cfg.batch_size, cfg.total_steps(n), generator, x.device)
 
+    # Classification labels none of which is ignored take the unmasked path of each step.
+    plain = y.ndim == 1 and not bool((y == IGNORE_INDEX).any())
     was_training = model.training
     model.train()
     loss_sum = 0.0
@@ -383,14 +385,25 @@ def train_local(
             xb, yb = x[idx], y[idx]
             optimizer.zero_grad(set_to_none=True)
             logits = model(xb)
-            data_loss, hits, units = objective(logits, yb)
+            if plain:  # objective() without the masks: no label is ignored (same values)
+                data_loss = F.cross_entropy(logits, yb, ignore_index=IGNORE_INDEX)
+                with torch.no_grad():
+                    hits = (logits.argmax(dim=-1) == yb).sum()
+                units = None
+            else:
+                data_loss, hits, units = objective(logits, yb)
             loss = data_loss
             if anchors:
                 prox = sum((p - a).pow(2).sum() for p, a in zip(trainable, anchors, strict=True))
                 loss = data_loss + 0.5 * proximal_mu * prox
-            data_val, total_val, units_val = torch.stack(
-                [data_loss.detach(), loss.detach(), units.to(loss.dtype)]
-            ).tolist()
+            if units is None and not anchors:
+                data_val = total_val = data_loss.item()
+                units_val = float(len(idx))
+            else:
+                counts = units.to(loss.dtype) if units is not None else loss.new_tensor(len(idx))
+                data_val, total_val, units_val = torch.stack(
+                    [data_loss.detach(), loss.detach(), counts]
+                ).tolist()
             if not (math.isfinite(data_val) and math.isfinite(total_val)):
                 diverged = True
                 break
