@@ -24,6 +24,7 @@ from fedopt import codec, partial, transport
 from fedopt.client import ClientJob, ClientState
 from fedopt.config import Scenario, parse_scenario
 from fedopt.privacy.secrecy import NoiseKey, wants_secret
+from fedopt.ray_backend import shared_task
 from fedopt.records import RUN_KEY
 from fedopt.registry import CLIENT_MODS, CLIENTS
 from fedopt.resumable import client_state_mod
@@ -88,7 +89,8 @@ class ClientRuntime:
         self._noise_key = noise_key
         codec.install()
         torch.set_num_threads(scenario.run.num_cpus)
-        self.task: Task = build_task(scenario)
+        # The driver's task when it shared one with this worker (fedopt.startup), else built here
+        self.task: Task = shared_task(scenario) or build_task(scenario)
         self.device = pick_device(scenario)
         self.model = self.task.new_model().to(self.device)
         entry = CLIENTS.get(scenario.client.name, key="client.name")

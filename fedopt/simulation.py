@@ -1,21 +1,24 @@
 """Builds the ServerApp and ClientApp of a scenario and runs them on Flower's Ray engine.
 
 :func:`run` is the Python API (``fedopt.run``) behind ``fedopt run``: it
-validates the scenario and builds its task *before* Ray starts (so bad input
-fails in a second, not after engine start-up), creates the run directory,
-runs Flower's simulation engine with the Ray backend, and returns a
-:class:`RunResult`. :func:`execute_run` is the ServerApp body shared with the
-``flwr run`` entry point (:mod:`fedopt.flower_app`): it streams metrics rows
-to ``metrics.jsonl`` as rounds finish and always writes the summary, even
-when the run fails, so nothing already measured is lost.
+validates the scenario, creates the run directory, builds the task while Ray
+and its warm workers start (:mod:`fedopt.startup`; bad input found then still
+fails before round 1 and leaves no run directory), runs Flower's simulation
+engine with the Ray backend, and returns a :class:`RunResult`.
+:func:`execute_run` is the ServerApp body shared with the ``flwr run`` entry
+point (:mod:`fedopt.flower_app`): it streams metrics rows to ``metrics.jsonl``
+as rounds finish and always writes the summary, even when the run fails, so
+nothing already measured is lost.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import platform
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -51,7 +54,8 @@ from fedopt.report import MetricsLog, read_metrics, write_run_files
 from fedopt.resumable import Checkpointer
 from fedopt.runlock import run_lock
 from fedopt.server import RoundDriver
-from fedopt.task import Task, build_task
+from fedopt.startup import Startup, start_federation
+from fedopt.task import Task
 from fedopt.transport import pack_plan
 
 __all__ = ["RunResult", "execute_run", "load_result", "make_run_dir", "run", "run_batch"]
@@ -344,6 +348,13 @@ def run_noise_key(scenario: Scenario, checkpoint: Checkpoint | None) -> NoiseKey
     return NoiseKey(raw)
 
 
+def _timed_row(clock: Startup, i: int, on_row: Callable[[int, Row], None] | None, row: Row) -> None:
+    if row.get("round") in (0, 1):  # the start-up timeline ends with round 1
+        clock.mark(f"round_{row['round']}")
+    if on_row is not None:
+        on_row(i, row)
+
+
 def run_batch(
     scenarios: Sequence[Scenario],
     run_dirs: Sequence[Path],
@@ -379,8 +390,8 @@ def run_batch(
     if not scenarios or len(scenarios) != len(run_dirs):
         raise ValueError("run_batch needs one run directory per scenario")
     _check_resources(scenarios)
-    if tasks is None:
-        tasks = [build_task(sc) for sc in scenarios]
+    clock = Startup.begin()
+    tasks = list(tasks) if tasks is not None else [None] * len(scenarios)
     keys = [f"{i}-{sc.fingerprint()}" for i, sc in enumerate(scenarios)]
     hooks = list(before) if before is not None else [None] * len(scenarios)
     with ExitStack() as held:
@@ -402,12 +413,22 @@ def run_batch(
         say = on_status or (lambda text: None)
 
         server_app = ServerApp()
+        federation: dict[str, Any] = {}
 
         @server_app.main()
         def main(grid: Grid, context: Context) -> None:
+            clock.mark("federation")
             say("federation up: sending the first round to the clients")
+            try:
+                serve(grid)
+            finally:  # the workers are still up: ask when they were warm
+                ready = federation["warm"].ready_times()
+                if ready:
+                    clock.mark("actors_warm", max(ready))
+
+        def serve(grid: Grid) -> None:
             for i, (task, run_dir, key) in enumerate(zip(tasks, run_dirs, keys, strict=True)):
-                row_cb = (lambda row, i=i: on_row(i, row)) if on_row is not None else None
+                row_cb = functools.partial(_timed_row, clock, i, on_row)
                 try:
                     execute_run(
                         grid,
@@ -442,25 +463,31 @@ def run_batch(
             watchdog.ensure()
         engine.install()  # event-driven dispatch instead of 0.1 s polling sweeps
         try:
-            nodes = max(
-                pack_plan(sc, num_clients=t.num_clients).nodes
-                for sc, t in zip(scenarios, tasks, strict=True)
-            )
-            say(f"starting the federation: Ray and {nodes} Flower nodes (workers import torch)")
             with quiet_engine(Path(run_dirs[0]) / "engine.log"), stop_on_signals(stop):
-                run_simulation(
-                    server_app=server_app,
-                    client_app=client_app,
-                    num_supernodes=nodes,
-                    backend_name="ray",
-                    backend_config=backend_config(scenarios[0]),
-                )
+                say("starting Ray and its workers (they import torch) while the task is built")
+                warm = federation["warm"] = start_federation(scenarios, tasks, clock)
+                try:
+                    nodes = max(
+                        pack_plan(sc, num_clients=t.num_clients).nodes
+                        for sc, t in zip(scenarios, tasks, strict=True)
+                    )
+                    say(f"starting the federation: {nodes} Flower nodes")
+                    run_simulation(
+                        server_app=server_app,
+                        client_app=client_app,
+                        num_supernodes=nodes,
+                        backend_name="ray",
+                        backend_config=backend_config(scenarios[0]),
+                    )
+                finally:
+                    warm.close()
         finally:
             for k, v in saved_env.items():
                 if v is None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+        clock.write(Path(run_dirs[0]))
         if "error" in outcome:
             raise outcome["error"]
         return results
@@ -501,8 +528,13 @@ def run(
         scenario = scenario.replace(**{"run.ray_address": ray_address})
     _check_resources([scenario])
     if on_status is not None:
-        on_status("building the task: data, partition, model")
-    task = build_task(scenario)
+        on_status("building the task (data, partition, model) while Ray starts")
+    made = run_dir is None
     run_dir = Path(run_dir) if run_dir is not None else make_run_dir(Path(out), scenario.name)
     cb = (lambda i, row: on_row(row)) if on_row is not None else None
-    return run_batch([scenario], [run_dir], on_row=cb, tasks=[task], on_status=on_status)[0]
+    try:
+        return run_batch([scenario], [run_dir], on_row=cb, on_status=on_status)[0]
+    except ConfigError:  # bad input found while the task was built: leave no run behind
+        if made and not (run_dir / "metrics.jsonl").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
