@@ -19,6 +19,7 @@ Usage: ``python bench/population.py [--clients 1000 10000 100000] [--rounds 4]``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -35,12 +36,10 @@ SCENARIO = ROOT / "scenarios" / "population.toml"
 
 def peak_kib(pid: int) -> int:
     """A process's peak resident set (``VmHWM``) in KiB; 0 when it cannot be read."""
-    try:
+    with contextlib.suppress(OSError):  # the process is gone, or no /proc
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
-    except OSError:
-        pass
     return 0
 
 

@@ -12,6 +12,7 @@ directory as ``startup.json`` (what ``bench/cold_start.py`` reads).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import MutableSequence, Sequence
@@ -78,12 +79,10 @@ class Startup:
 
     def write(self, run_dir: Path) -> None:
         """Write the timeline to ``run_dir/startup.json`` (best effort: never fails a run)."""
-        try:
+        with contextlib.suppress(OSError):  # a full disk is reported by the run's own writers
             Path(run_dir, STARTUP_FILE).write_text(
                 json.dumps({"epoch": self.marks, "seconds": self.seconds()}, indent=1)
             )
-        except OSError:
-            pass
 
 
 def _build_all(scenarios: Sequence[Any], tasks: Sequence[Any]) -> list[Any]:
