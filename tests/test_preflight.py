@@ -73,7 +73,8 @@ def test_a_delta_of_one_over_n_min_is_refused_naming_the_smallest_client(sizes):
 def test_a_delta_just_below_one_over_n_min_passes_and_is_recorded(sizes):
     n_min = min(sizes)
     [facts] = check_tasks([task_of({"delta": 0.99 / n_min})])
-    assert facts["sample_level"] == {
+    keys = ("n_min", "delta", "delta_times_n_min", "allow_large_delta")
+    assert {k: facts["sample_level"][k] for k in keys} == {
         "n_min": n_min,
         "delta": 0.99 / n_min,
         "delta_times_n_min": pytest.approx(0.99),
@@ -109,6 +110,12 @@ def test_an_unreachable_target_names_the_client_before_any_engine(sizes):
 
 def test_a_reachable_target_passes_for_every_plan_the_clients_calibrate(sizes):
     task = task_of({"target_epsilon": 2.0, "batch_size": 64})
+    p = task.scenario.client.params
+    rounds = planned_participations(p, task.scenario.run.rounds)
+    q_min, tau_min = local_plan(p, min(sizes))
+    sigma_min = calibrate_noise(
+        target_epsilon=2.0, delta=1e-5, sample_rate=q_min, steps=rounds * tau_min
+    )
     assert check_tasks([task]) == [
         {
             "sample_level": {
@@ -116,11 +123,11 @@ def test_a_reachable_target_passes_for_every_plan_the_clients_calibrate(sizes):
                 "delta": 1e-5,
                 "delta_times_n_min": min(sizes) * 1e-5,
                 "allow_large_delta": False,
+                "sigma_n_min": sigma_min,
+                "noise_to_signal_n_min": sigma_min / (q_min * min(sizes)),
             }
         }
     ]
-    p = task.scenario.client.params
-    rounds = planned_participations(p, task.scenario.run.rounds)
     plans = {local_plan(p, n) for n in sizes}
     assert (0.5, 2) in plans  # q = 0.5: where Opacus's RDP series is slowest at large σ
     q, tau = max(plans)  # a client's own calibration succeeds (q = 0.5 takes seconds)
@@ -189,3 +196,17 @@ def test_checks_are_pluggable():
         PRIVACY_CHECKS.unregister("test_count")
     # once inside build_task, once asked here
     assert facts == [{"test_count": {"clients": 4}}] and seen == [4, 4]
+
+
+def test_a_noise_that_buries_every_step_warns_naming_the_smallest_client(sizes):
+    n = min(sizes)
+    p = parse_scenario(raw({"noise_multiplier": 1.0})).client.params
+    q, _ = local_plan(p, n)
+    loud = q * n * 1.5  # sigma above the expected batch: noise_to_signal = 1.5
+    with pytest.warns(UserWarning, match=rf"n_k = {n}\) trains at sigma = {loud:.4g}"):
+        facts = check_sample_level(task_of({"noise_multiplier": loud}))
+    assert facts["noise_to_signal_n_min"] == pytest.approx(1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sigma = 1 on batches of 16: no warning
+        facts = check_sample_level(task_of({"noise_multiplier": 1.0}))
+    assert facts["sigma_n_min"] == 1.0 and facts["noise_to_signal_n_min"] == 1.0 / (q * n)

@@ -21,11 +21,16 @@ that is not ``non_private``:
   rounds, clients per round and clients exactly as the client resolves it),
   decided by one ε per plan (:func:`~fedopt.privacy.calibration.check_reachable`);
 - with σ given and a target (a cap): at least one client fits one round under
-  the cap (otherwise no client can ever train).
+  the cap (otherwise no client can ever train);
+- a warning when the smallest client's σ (given, or as it will calibrate it)
+  buries every step's signal: σ / (q·n_min) above :data:`MEANINGLESS_NOISE`
+  (:func:`noise_to_signal`; checked for the smallest client, whose rate,
+  hence σ, is the largest).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,14 +38,24 @@ import numpy as np
 
 from fedopt.errors import ConfigError
 from fedopt.privacy.accountants import PrivacyError, make_accountant
-from fedopt.privacy.calibration import PrivacyTargetError, check_reachable
+from fedopt.privacy.calibration import PrivacyTargetError, calibrate_noise, check_reachable
 from fedopt.privacy.plan import DPSGDParams, local_plan, planned_participations, sigma_request
 from fedopt.registry import Registry
 
 if TYPE_CHECKING:
     from fedopt.task import Task
 
-__all__ = ["PRIVACY_CHECKS", "check_sample_level", "check_tasks", "train_sizes"]
+__all__ = [
+    "MEANINGLESS_NOISE",
+    "PRIVACY_CHECKS",
+    "check_sample_level",
+    "check_tasks",
+    "noise_to_signal",
+    "train_sizes",
+]
+
+#: Noise-to-signal ratio (:func:`noise_to_signal`) of the smallest client above which a run warns.
+MEANINGLESS_NOISE = 1.0
 
 #: ``fn(task) -> facts or None``: checks run on every built task before a run starts.
 PRIVACY_CHECKS: Registry[Callable[[Any], Mapping[str, Any] | None]] = Registry("privacy check")
@@ -133,12 +148,42 @@ def check_sample_level(task: Task) -> dict[str, Any] | None:
             )
     elif p.target_epsilon is not None:
         _check_cap(p, plans)
+    q, tau = local_plan(p, n_min)
+    if p.noise_multiplier is not None:
+        sigma = float(p.noise_multiplier)
+    else:
+        request = sigma_request(p, sample_rate=q, local_steps=tau, rounds=s.run.rounds, **counts)
+        sigma = calibrate_noise(**request)
+    ratio = noise_to_signal(sigma, sample_rate=q, num_examples=n_min)
+    if ratio > MEANINGLESS_NOISE:
+        warnings.warn(
+            f"client {cid_min} (n_k = {n_min}) trains at sigma = {sigma:.4g} on expected "
+            f"batches of {q * n_min:.4g}: each step's noise on the mean gradient "
+            f"({ratio:.3g} x the clipping norm per coordinate) exceeds the largest clipped "
+            "mean gradient, so the model cannot learn; give a larger target_epsilon, fewer "
+            "rounds or local steps, or more data per client",
+            stacklevel=2,
+        )
     return {
         "n_min": n_min,
         "delta": p.delta,
         "delta_times_n_min": p.delta * n_min,
         "allow_large_delta": p.allow_large_delta,
+        "sigma_n_min": sigma,
+        "noise_to_signal_n_min": ratio,
     }
+
+
+def noise_to_signal(sigma: float, *, sample_rate: float, num_examples: int) -> float:
+    """σ / (q·n): the noise std on a step's mean clipped gradient, in units of the clipping norm.
+
+    A clipped mean gradient has norm at most C; DP-SGD adds N(0, σ²C²) to
+    the sum of about q·n clipped gradients, so each coordinate of the mean
+    carries noise of std σC/(q·n). Above 1 the noise alone exceeds the
+    largest signal any step can have (and the noise's norm grows with the
+    square root of the number of parameters besides).
+    """
+    return float(sigma) / (float(sample_rate) * int(num_examples))
 
 
 def check_tasks(tasks: Sequence[Task]) -> list[dict[str, Any]]:
