@@ -30,7 +30,7 @@ import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fedopt import registry as reg
 from fedopt.errors import ConfigError, did_you_mean
@@ -152,7 +152,10 @@ class RunSection:
     momentum and clipping): the same arithmetic batched, so results agree
     with client-by-client training to float rounding but not bitwise.
     ``checkpoint_every`` writes a checkpoint every k rounds (0: only when the
-    run is stopped by Ctrl-C or SIGTERM). ``diverge_factor`` and
+    run is stopped by Ctrl-C or SIGTERM); ``"auto"`` writes one after round 1
+    and then as often as keeps checkpoints under 5% of the run's time, from
+    the cost of the last one and the recent rounds
+    (:class:`fedopt.resumable.Cadence`). ``diverge_factor`` and
     ``diverge_rounds`` stop a run whose loss stays above ``diverge_factor``
     times max(its first loss, 1) for ``diverge_rounds`` rounds in a row (the
     training loss, else the central test loss; 0 turns the rule off; see
@@ -177,7 +180,7 @@ class RunSection:
     partial_sums: bool = True
     sum_groups: int = 64
     vectorize: bool = False
-    checkpoint_every: int = 10
+    checkpoint_every: int | Literal["auto"] = 10
     diverge_factor: float = 10.0
     diverge_rounds: int = 3
 
@@ -203,7 +206,12 @@ class RunSection:
         check(pn is None or pn >= 1, "pack_nodes", pn, "an integer >= 1 or omitted")
         check(self.sum_groups >= 1, "sum_groups", self.sum_groups, "an integer >= 1")
         ce = self.checkpoint_every
-        check(ce >= 0, "checkpoint_every", ce, "an integer >= 0 (0: only on a stop signal)")
+        check(
+            ce == "auto" or (isinstance(ce, int) and ce >= 0),
+            "checkpoint_every",
+            ce,
+            'an integer >= 0 (0: only on a stop signal) or "auto"',
+        )
         df = self.diverge_factor
         check(0.0 <= df < math.inf, "diverge_factor", df, "a finite number >= 0 (0: off)")
         check(self.diverge_rounds >= 1, "diverge_rounds", self.diverge_rounds, "an integer >= 1")

@@ -30,7 +30,10 @@ not counted in any byte metric.
 from __future__ import annotations
 
 import logging
+import math
 import random
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +187,52 @@ def import_clients(driver: Any, states: dict[int, RecordDict]) -> None:
         _state_exchange(driver, contents, "import")
 
 
+#: Share of a run's time that ``checkpoint_every = "auto"`` lets checkpoints take.
+AUTO_SHARE = 0.05
+
+
+class Cadence:
+    """When ``checkpoint_every = "auto"`` writes: after round 1, then every k rounds.
+
+    k is the fewest rounds whose time covers the last checkpoint's cost
+    ``AUTO_SHARE`` times over: ``ceil(cost / (share * round))``, the round
+    time being the median of the rounds since the last checkpoint. It is
+    re-measured at every checkpoint (a checkpoint holds every row so far, so
+    its cost grows with the run). Timing decides only when checkpoints are
+    written, never what a run computes: resuming from any of them gives the
+    uninterrupted rows.
+    """
+
+    def __init__(self, *, share: float = AUTO_SHARE) -> None:
+        self.share = share
+        self.next_round = 1
+        self._round_start: float | None = None
+        self._rounds: list[float] = []
+        self._ticked: int | None = None
+
+    def tick(self, round_: int) -> None:
+        """Round ``round_`` ended now (asking again about the same round changes nothing)."""
+        if round_ == self._ticked:
+            return
+        self._ticked = round_
+        now = time.monotonic()
+        if self._round_start is not None:
+            self._rounds.append(now - self._round_start)
+        self._round_start = now
+
+    def due(self, round_: int) -> bool:
+        """Whether the cadence asks for a checkpoint after ``round_``."""
+        return round_ >= self.next_round
+
+    def wrote(self, round_: int, cost: float) -> None:
+        """A checkpoint after ``round_`` took ``cost`` seconds: plan the next one."""
+        per_round = statistics.median(self._rounds) if self._rounds else 0.0
+        every = math.ceil(cost / (self.share * per_round)) if per_round > 0 else 1
+        self.next_round = round_ + max(1, every)
+        self._rounds = []
+        self._round_start = time.monotonic()  # the checkpoint's own time is not a round's
+
+
 class Checkpointer:
     """Writes a run's checkpoints and turns a stop request into a clean stop.
 
@@ -201,9 +250,11 @@ class Checkpointer:
         self.run_dir = Path(run_dir)
         self.rows = rows
         self.stop = stop
+        self.cadence = Cadence()
 
     def save(self, driver: Any, round_: int) -> Path:
         """Write the checkpoint of ``driver`` after ``round_``."""
+        started = time.monotonic()
         s = driver.scenario
         payload = {
             "format": 1,
@@ -218,7 +269,9 @@ class Checkpointer:
         if driver.noise_key is not None:  # the checkpoint is as private as the data it resumes
             payload["noise_key"] = driver.noise_key.to_bytes()
         path = save_checkpoint(self.run_dir, payload, round_=round_)
-        log.info("checkpoint after round %d: %s", round_, path)
+        cost = time.monotonic() - started
+        self.cadence.wrote(round_, cost)
+        log.info("checkpoint after round %d in %.3f s: %s", round_, cost, path)
         return path
 
     def stopping(self) -> bool:
@@ -228,6 +281,9 @@ class Checkpointer:
     def due(self, scenario: Any, round_: int, *, last: bool) -> bool:
         """Whether a checkpoint is written after ``round_``: on the cadence or on a stop."""
         every = scenario.run.checkpoint_every
+        if every == "auto":
+            self.cadence.tick(round_)
+            return not last and (self.stopping() or self.cadence.due(round_))
         return not last and (self.stopping() or bool(every and round_ % every == 0))
 
     def after_round(self, driver: Any, round_: int, *, last: bool) -> None:
