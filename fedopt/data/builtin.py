@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -58,17 +59,22 @@ class SyntheticParams:
     iid: bool = False
 
     def __post_init__(self) -> None:
-        check(self.alpha >= 0, "alpha", self.alpha, "a number >= 0")
-        check(self.beta >= 0, "beta", self.beta, "a number >= 0")
+        check_synthetic_knobs(self)
         check(self.num_users >= 1, "num_users", self.num_users, "an integer >= 1")
-        check(self.dim >= 1, "dim", self.dim, "an integer >= 1")
-        check(self.num_classes >= 2, "num_classes", self.num_classes, "an integer >= 2")
-        check(
-            self.max_samples_per_user >= 1,
-            "max_samples_per_user",
-            self.max_samples_per_user,
-            "an integer >= 1",
-        )
+
+
+def check_synthetic_knobs(p: Any) -> None:
+    """The knobs Synthetic(alpha, beta) shares pooled and lazy: one-line errors for bad values."""
+    check(p.alpha >= 0, "alpha", p.alpha, "a number >= 0")
+    check(p.beta >= 0, "beta", p.beta, "a number >= 0")
+    check(p.dim >= 1, "dim", p.dim, "an integer >= 1")
+    check(p.num_classes >= 2, "num_classes", p.num_classes, "an integer >= 2")
+    check(
+        p.max_samples_per_user >= 1,
+        "max_samples_per_user",
+        p.max_samples_per_user,
+        "an integer >= 1",
+    )
 
 
 def generate_synthetic(p: SyntheticParams, rng: np.random.Generator) -> Dataset:

@@ -29,6 +29,7 @@ from typing import Protocol
 
 import numpy as np
 
+from fedopt.data.builtin import check_synthetic_knobs
 from fedopt.data.core import Dataset, TaskData, seed32
 from fedopt.params import check
 from fedopt.registry import DATASETS
@@ -88,16 +89,7 @@ class LazySyntheticParams:
     test_users: int = 50
 
     def __post_init__(self) -> None:
-        check(self.alpha >= 0, "alpha", self.alpha, "a number >= 0")
-        check(self.beta >= 0, "beta", self.beta, "a number >= 0")
-        check(self.dim >= 1, "dim", self.dim, "an integer >= 1")
-        check(self.num_classes >= 2, "num_classes", self.num_classes, "an integer >= 2")
-        check(
-            self.max_samples_per_user >= 1,
-            "max_samples_per_user",
-            self.max_samples_per_user,
-            "an integer >= 1",
-        )
+        check_synthetic_knobs(self)
         check(self.test_users >= 1, "test_users", self.test_users, "an integer >= 1")
 
 
