@@ -331,27 +331,10 @@ def launch_pfl(job: Job, *, python: str, timeout: float = PFL_TIMEOUT) -> dict[s
     workers; rank 0 reports.
     """
     env = {**os.environ, "PFL_PYTORCH_DEVICE": job.device, "PYTHONWARNINGS": "ignore"}
-    launcher = [python]
     if job.pfl_procs > 1:
         env["OMP_NUM_THREADS"] = "1"
-        launcher += [
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={job.pfl_procs}",
-        ]
     script = [str(Path(__file__).resolve()), "--pfl-job", json.dumps(dataclasses.asdict(job))]
-    done = subprocess.run(
-        launcher + script, capture_output=True, text=True, env=env, timeout=timeout
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stdout + done.stderr)[-3000:]
-        raise RuntimeError(f"pfl job failed (exit {done.returncode}):\n{tail}")
-    report = json.loads(lines[-1])
-    if report["world_size"] != job.pfl_procs:
-        raise RuntimeError(f"pfl ran on {report['world_size']} workers, not {job.pfl_procs}")
-    return report
+    return pfl_job.run_report(python, script, procs=job.pfl_procs, env=env, timeout=timeout)
 
 
 def pfl_job_main(spec: str) -> None:

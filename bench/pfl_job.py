@@ -174,6 +174,28 @@ def available(python: str) -> bool:
     return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
 
 
+def run_report(
+    python: str, args: list[str], *, procs: int, env: dict[str, str], timeout: float
+) -> dict[str, Any]:
+    """Run a pfl script on ``procs`` processes (torchrun when more than one); rank 0's report.
+
+    The report is the last stdout line that is a JSON object; it must name the
+    world size the run had. A failed run raises with the end of its output.
+    """
+    launcher = [python]
+    if procs > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+    done = subprocess.run(launcher + args, capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stdout + done.stderr)[-3000:]
+        raise RuntimeError(f"pfl job failed (exit {done.returncode}):\n{tail}")
+    report = json.loads(lines[-1])
+    if report["world_size"] != procs:
+        raise RuntimeError(f"pfl ran on {report['world_size']} workers, not {procs}")
+    return report
+
+
 def launch(
     n: int, rounds: int, *, procs: int, python: str = sys.executable, timeout: float = 1800
 ) -> tuple[list[float], dict[str, np.ndarray]]:
@@ -182,23 +204,11 @@ def launch(
     Returns the per-round durations rank 0 reports and its final weights.
     """
     script = str(Path(__file__).resolve())
-    launcher = [python]
-    if procs > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.npz"
         args = [script, "--clients", str(n), "--rounds", str(rounds), "--weights", str(weights)]
-        done = subprocess.run(
-            launcher + args, capture_output=True, text=True, env=env, timeout=timeout
-        )
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode != 0 or not lines:
-            tail = (done.stdout + done.stderr)[-3000:]
-            raise RuntimeError(f"pfl job failed (exit {done.returncode}):\n{tail}")
-        report = json.loads(lines[-1])
-        if report["world_size"] != procs:
-            raise RuntimeError(f"pfl ran on {report['world_size']} workers, not {procs}")
+        report = run_report(python, args, procs=procs, env=env, timeout=timeout)
         with np.load(weights) as saved:
             return report["times"], {k: saved[k] for k in saved.files}
 
