@@ -131,22 +131,21 @@ def group_of(cid: int, *, groups: int) -> int:
 
 def group_sums(replies: Mapping[int, RecordDict], *, groups: int) -> dict[int, GroupSum]:
     """Per sum group, the float64 sum of its clients' weighted models, added in client-id order."""
-    out: dict[int, GroupSum] = {}
+    weights: dict[int, int] = {}
+    sums: dict[int, dict[str, np.ndarray]] = {}
     for cid in sorted(replies):
         content = replies[cid]
         weight = int(content["metrics"][WEIGHT_KEY])
         g = group_of(cid, groups=groups)
-        acc = out.get(g)
-        if acc is None:
-            acc = out[g] = GroupSum(0, {})
+        weights[g] = weights.get(g, 0) + weight
+        acc = sums.setdefault(g, {})
         for key, array in content["arrays"].items():
             term = codec.view(array).astype(np.float64) * weight
-            if key in acc.sums:
-                acc.sums[key] += term
+            if key in acc:
+                acc[key] += term
             else:
-                acc.sums[key] = term
-        out[g] = GroupSum(acc.weight + weight, acc.sums)
-    return out
+                acc[key] = term
+    return {g: GroupSum(weights[g], sums[g]) for g in weights}
 
 
 def reduced_content(replies: Mapping[int, RecordDict], *, groups: int) -> RecordDict:

@@ -67,7 +67,7 @@ def test_no_examples_at_all_is_refused():
 
 def test_linear_is_declared_by_exact_type():
     class Reweighted(FedAvg):
-        pass
+        """FedAvg under another name: not linear until it says so."""
 
     assert partial.is_linear(FedAvg()) and not partial.is_linear(FedMedian())
     assert not partial.is_linear(Reweighted())  # a subclass may aggregate differently

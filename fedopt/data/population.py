@@ -51,11 +51,9 @@ class ClientPool(Protocol):
 
     def client(self, cid: int) -> Dataset:
         """All examples of client ``cid`` (before its train/test split)."""
-        ...
 
     def sizes(self, cids: np.ndarray) -> np.ndarray:
         """Number of examples of each client in ``cids``, without generating any example."""
-        ...
 
 
 @dataclass(frozen=True)
